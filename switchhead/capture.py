@@ -1,0 +1,143 @@
+"""Capture a model as an exported fx graph, and record the concrete value of every node.
+
+`torch.export` (non-strict) is the only capture that works on real models (HF, torchvision, timm,
+nn.Transformer*). Every tensor dimension of the example inputs is exported as `Dim.AUTO`, so the
+rewritten graph serves other batch sizes and sequence lengths wherever the model allows it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+from typing import Any
+
+import torch
+import torch.fx
+from torch.export import Dim
+from torch.fx import _pytree as fx_pytree
+from torch.utils import _pytree as pytree
+
+from switchhead.errors import CaptureError, MissingInputsError
+
+
+@dataclasses.dataclass
+class Captured:
+    """An exported graph module plus the example inputs it was captured with."""
+
+    graph_module: torch.fx.GraphModule
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    dynamic: bool  # False when export had to fall back to static shapes
+
+    def flat_inputs(self) -> list[Any]:
+        return fx_pytree.tree_flatten_spec((list(self.args), self.kwargs), self.graph_module._in_spec)
+
+
+def resolve_example_inputs(
+    model: torch.nn.Module, args: tuple[Any, ...] | None, kwargs: dict[str, Any] | None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Example inputs from the caller, else from `model.example_inputs()`, else from a HF model's
+    `dummy_inputs`. HF models get `use_cache=False` (a cache object is not an exportable output)."""
+    if args is None and kwargs is None:
+        if callable(getattr(model, "example_inputs", None)):
+            args, kwargs = _split_inputs(model.example_inputs())
+        elif isinstance(getattr(model, "dummy_inputs", None), dict):
+            args, kwargs = (), dict(model.dummy_inputs)
+        else:
+            raise MissingInputsError(
+                f"{type(model).__name__} cannot describe its own inputs: pass example inputs, "
+                "e.g. convert(model, args=(x,)) or kwargs={'input_ids': ids}"
+            )
+    args = tuple(args) if args is not None else ()
+    kwargs = dict(kwargs) if kwargs is not None else {}
+    if not isinstance(args, tuple):
+        raise MissingInputsError("args must be a tuple of positional example inputs, e.g. args=(x,)")
+    if _is_hf_model(model) and "use_cache" in _forward_params(model) and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False
+    return args, kwargs
+
+
+def _split_inputs(value: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(value, dict):
+        return (), value
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict) and isinstance(value[0], tuple):
+        return value
+    if isinstance(value, tuple):
+        return value, {}
+    return (value,), {}
+
+
+def _is_hf_model(model: torch.nn.Module) -> bool:
+    return any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__)
+
+
+def _forward_params(model: torch.nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _auto_dynamic_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """Dim.AUTO on every dimension of every tensor input: export decides what is really dynamic."""
+
+    def spec(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {i: Dim.AUTO for i in range(value.dim())}
+        return None
+
+    return (pytree.tree_map(spec, args), pytree.tree_map(spec, kwargs))
+
+
+@contextlib.contextmanager
+def _mha_fastpath_disabled():
+    """nn.MultiheadAttention's inference fast path is one fused op with nothing to rewrite inside."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def capture(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Captured:
+    """Export `model` with dynamic dimensions where possible, static shapes otherwise."""
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as exc:  # the user's model failing on its own inputs is a user error
+        raise CaptureError(f"the model fails on its example inputs: {type(exc).__name__}: {exc}") from exc
+    with _mha_fastpath_disabled():
+        try:
+            program = torch.export.export(
+                model, args, kwargs, dynamic_shapes=_auto_dynamic_shapes(args, kwargs), strict=False
+            )
+            dynamic = True
+        except Exception:
+            # Some models only export with their example shapes baked in; say so in the report.
+            try:
+                program = torch.export.export(model, args, kwargs, strict=False)
+            except Exception as exc:
+                raise CaptureError(f"torch.export could not capture the model: {type(exc).__name__}: {exc}") from exc
+            dynamic = False
+    return Captured(program.module(), args, kwargs, dynamic)
+
+
+class _Recorder(torch.fx.Interpreter):
+    def __init__(self, module: torch.fx.GraphModule):
+        super().__init__(module)
+        self.values: dict[torch.fx.Node, Any] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        self.values[n] = out
+        return out
+
+
+def record_values(captured: Captured) -> dict[torch.fx.Node, Any]:
+    """The concrete value of every node on the example inputs (tensors, ints, lists)."""
+    recorder = _Recorder(captured.graph_module)
+    with torch.no_grad():
+        recorder.run(*captured.flat_inputs())
+    return recorder.values

@@ -1,0 +1,1 @@
+"""Graph utilities shared by the passes: op categories and index provenance."""

@@ -1,0 +1,115 @@
+"""Index provenance: which element of a source tensor ends up where in a target tensor.
+
+We seed a source node (a projection's output, the attention core's output) with an int64 tensor of
+element ids, e.g. the feature index along the last dim or the token (row) index, and replay every
+node between it and a target node on those ids, with the example values of all other operands.
+The result says, for each element of the target, which source feature / token it came from. This is
+how the passes learn head layouts (fused QKV splits, interleaved heads, GQA expansion, MHA's in-proj
+reshuffles, batch-first or not) without any per-model pattern.
+
+`exact` replay admits only ops that move elements (LAYOUT_OPS, casts). `rows` replay also passes ids
+through pointwise ops and through reductions over dims the ids are constant on (RoPE, q/k norms,
+scales): right for token ids, which such ops do not mix, and wrong for feature ids.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+
+from switchhead.graph.ops import CAST_OPS, LAYOUT_OPS, NOOP_OPS, is_pointwise
+
+aten = torch.ops.aten
+_ROW_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.var.correction, aten.norm.ScalarOpt_dim}
+
+
+class ProvenanceError(Exception):
+    """The path holds an op that provenance cannot be replayed through; the message says which."""
+
+
+def ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    seen: set[torch.fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
+def region_between(sources: Iterable[torch.fx.Node], target: torch.fx.Node) -> list[torch.fx.Node]:
+    """Nodes that depend on a source and that `target` depends on (target included), in graph order."""
+    upstream = ancestors(target) | {target}
+    region: set[torch.fx.Node] = set()
+    stack = [s for s in sources if s in upstream]
+    while stack:
+        n = stack.pop()
+        for user in n.users:
+            if user in upstream and user not in region:
+                region.add(user)
+                stack.append(user)
+    order = {n: i for i, n in enumerate(target.graph.nodes)}
+    return sorted(region, key=order.__getitem__)
+
+
+def describe(node: torch.fx.Node) -> str:
+    target = node.target
+    return getattr(target, "__name__", None) or str(target)
+
+
+def replay(
+    region: list[torch.fx.Node],
+    seeds: dict[torch.fx.Node, torch.Tensor],
+    values: dict[torch.fx.Node, Any],
+    mode: str = "exact",
+) -> dict[torch.fx.Node, Any]:
+    """Provenance of every node of `region` given the seeds' provenance ('exact' or 'rows' mode)."""
+    prov: dict[torch.fx.Node, Any] = dict(seeds)
+    for node in region:
+        if node in prov or node.target in NOOP_OPS:
+            continue
+        if not any(a in prov for a in node.all_input_nodes):
+            continue
+        prov[node] = _replay_node(node, prov, values, mode)
+    return prov
+
+
+def _replay_node(node: torch.fx.Node, prov: dict, values: dict, mode: str) -> Any:
+    target = node.target
+
+    def substitute(a):
+        return prov[a] if a in prov else values[a]
+
+    args = torch.fx.node.map_arg(node.args, substitute)
+    kwargs = torch.fx.node.map_arg(node.kwargs, substitute)
+    if target in CAST_OPS:
+        return aten._to_copy.default(args[0])
+    if target is aten.dropout.default and (len(node.args) < 3 or node.args[2] is False):
+        return args[0]
+    if target in LAYOUT_OPS:
+        if target in (aten.cat.default, aten.stack.default) and not all(a in prov for a in node.args[0]):
+            raise ProvenanceError(f"{describe(node)} joins the path with other tensors")
+        return target(*args, **kwargs)
+    if mode == "rows":
+        shape = values[node].shape
+        if is_pointwise(target) or target is aten.dropout.default:
+            ids = [prov[a].expand(shape) for a in node.all_input_nodes if a in prov]
+            if all(torch.equal(ids[0], other) for other in ids[1:]):
+                return ids[0]
+            raise ProvenanceError(f"{describe(node)} mixes different rows")
+        if target in _ROW_REDUCTIONS:
+            source = prov[node.args[0]]
+            dims = node.args[1] if len(node.args) > 1 else None
+            keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+            if target is aten.var.correction:
+                keepdim = bool(node.kwargs.get("keepdim", False))
+            dims = list(range(source.dim())) if dims is None else dims
+            high, low = source.amax(dims, keepdim=keepdim), source.amin(dims, keepdim=keepdim)
+            if torch.equal(high, low):
+                return high
+            raise ProvenanceError(f"{describe(node)} reduces across rows")
+    raise ProvenanceError(f"{describe(node)} is not a pure data movement")
