@@ -29,6 +29,7 @@ class Captured:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     dynamic: bool  # False when export had to fall back to static shapes
+    static_reason: str | None = None  # why dynamic export failed
 
     def flat_inputs(self) -> list[Any]:
         return fx_pytree.tree_flatten_spec((list(self.args), self.kwargs), self.graph_module._in_spec)
@@ -38,7 +39,7 @@ def resolve_example_inputs(
     model: torch.nn.Module, args: tuple[Any, ...] | None, kwargs: dict[str, Any] | None
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Example inputs from the caller, else from `model.example_inputs()`, else from a HF model's
-    `dummy_inputs`. HF models get `use_cache=False` (a cache object is not an exportable output)."""
+    `dummy_inputs`."""
     if args is None and kwargs is None:
         if callable(getattr(model, "example_inputs", None)):
             args, kwargs = _split_inputs(model.example_inputs())
@@ -53,8 +54,6 @@ def resolve_example_inputs(
     kwargs = dict(kwargs) if kwargs is not None else {}
     if not isinstance(args, tuple):
         raise MissingInputsError("args must be a tuple of positional example inputs, e.g. args=(x,)")
-    if _is_hf_model(model) and "use_cache" in _forward_params(model) and "use_cache" not in kwargs:
-        kwargs["use_cache"] = False
     return args, kwargs
 
 
@@ -72,22 +71,33 @@ def _is_hf_model(model: torch.nn.Module) -> bool:
     return any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__)
 
 
-def _forward_params(model: torch.nn.Module) -> set[str]:
+@contextlib.contextmanager
+def _hf_cache_disabled(model: torch.nn.Module):
+    """A HF model that returns a KV-cache object cannot be exported (the cache is not a pytree):
+    capture with `use_cache = False` in every config of the model (encoder-decoders keep copies),
+    so the converted graph keeps the model's call signature."""
+    configs = {id(c): c for m in model.modules() if _is_hf_model(m)
+               for c in [getattr(m, "config", None)] if getattr(c, "use_cache", False)}
+    for config in configs.values():
+        config.use_cache = False
     try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
+        yield
+    finally:
+        for config in configs.values():
+            config.use_cache = True
 
 
-def _auto_dynamic_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    """Dim.AUTO on every dimension of every tensor input: export decides what is really dynamic."""
+def _auto_dynamic_shapes(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Dim.AUTO on every dimension of every tensor input, keyed by forward's parameter names:
+    export decides which dims are really dynamic."""
 
     def spec(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return {i: Dim.AUTO for i in range(value.dim())}
         return None
 
-    return (pytree.tree_map(spec, args), pytree.tree_map(spec, kwargs))
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
 
 
 @contextlib.contextmanager
@@ -101,27 +111,36 @@ def _mha_fastpath_disabled():
         torch.backends.mha.set_fastpath_enabled(previous)
 
 
-def capture(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Captured:
-    """Export `model` with dynamic dimensions where possible, static shapes otherwise."""
+def capture(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Captured, Any]:
+    """Export `model` with dynamic dimensions where possible, static shapes otherwise.
+
+    Returns the capture and the model's own output on the example inputs (the verification reference).
+    """
+    with _hf_cache_disabled(model):
+        return _capture(model, args, kwargs)
+
+
+def _capture(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Captured, Any]:
     try:
         with torch.no_grad():
-            model(*args, **kwargs)
+            reference = model(*args, **kwargs)
     except Exception as exc:  # the user's model failing on its own inputs is a user error
         raise CaptureError(f"the model fails on its example inputs: {type(exc).__name__}: {exc}") from exc
+    dynamic_shapes = _auto_dynamic_shapes(model, args, kwargs)
     with _mha_fastpath_disabled():
         try:
-            program = torch.export.export(
-                model, args, kwargs, dynamic_shapes=_auto_dynamic_shapes(args, kwargs), strict=False
-            )
+            program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
             dynamic = True
-        except Exception:
-            # Some models only export with their example shapes baked in; say so in the report.
+            static_reason = None
+        except Exception as exc:
+            # Some models only export with their example shapes baked in; the report says so.
+            static_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             try:
                 program = torch.export.export(model, args, kwargs, strict=False)
             except Exception as exc:
                 raise CaptureError(f"torch.export could not capture the model: {type(exc).__name__}: {exc}") from exc
             dynamic = False
-    return Captured(program.module(), args, kwargs, dynamic)
+    return Captured(program.module(), args, kwargs, dynamic, static_reason), reference
 
 
 class _Recorder(torch.fx.Interpreter):

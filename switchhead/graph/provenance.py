@@ -68,7 +68,7 @@ def replay(
     mode: str = "exact",
 ) -> dict[torch.fx.Node, Any]:
     """Provenance of every node of `region` given the seeds' provenance ('exact' or 'rows' mode)."""
-    prov: dict[torch.fx.Node, Any] = dict(seeds)
+    prov: dict[torch.fx.Node, Any] = {node: _like(values[node], ids) for node, ids in seeds.items()}
     for node in region:
         if node in prov or node.target in NOOP_OPS:
             continue
@@ -76,6 +76,16 @@ def replay(
             continue
         prov[node] = _replay_node(node, prov, values, mode)
     return prov
+
+
+def _like(example: Any, ids: torch.Tensor) -> torch.Tensor:
+    """`ids` laid out with the example value's strides: views in the graph may rely on them
+    (export drops a `.contiguous()` that was a no-op on the real tensor)."""
+    if not isinstance(example, torch.Tensor) or example.shape != ids.shape:
+        return ids
+    strided = torch.empty_strided(example.shape, example.stride(), dtype=ids.dtype)
+    strided.copy_(ids)
+    return strided
 
 
 def _replay_node(node: torch.fx.Node, prov: dict, values: dict, mode: str) -> Any:

@@ -1,5 +1,14 @@
-"""SwitchHead expert projections: reference kernels and the custom ops the rewritten graphs call."""
+"""SwitchHead expert projections: reference kernels and the custom ops the rewritten graphs call.
+
+Importing this package registers `switchhead::expert_v` / `expert_o` (reference kernels, ops.py) and,
+where Triton is installed, their Triton implementations for CUDA (triton_ops.py).
+"""
+
+import importlib.util
 
 from switchhead.kernels.ops import checked_expert_o, checked_expert_v
+
+if importlib.util.find_spec("triton") is not None:
+    from switchhead.kernels import triton_ops  # noqa: F401  (registers the CUDA path)
 
 __all__ = ["checked_expert_v", "checked_expert_o"]

@@ -1,0 +1,144 @@
+"""The public verbs: find_attention and convert."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from switchhead.capture import Captured, capture, record_values, resolve_example_inputs
+from switchhead.config import SwitchHeadConfig
+from switchhead.errors import NoAttentionError, VerificationError
+from switchhead.passes.detect_attention import detect_attention
+from switchhead.passes.rewrite_experts import rewrite_experts
+from switchhead.report import ConversionReport
+from switchhead.site import AttentionSite, SkippedSite
+
+REPORT_KEY = "switchhead_report"
+FilterFn = Callable[[str], bool]
+
+
+@dataclasses.dataclass
+class Analysis:
+    """A captured model, the example value of every node, and what detection found there."""
+
+    captured: Captured
+    values: dict[torch.fx.Node, Any]
+    sites: list[AttentionSite]
+    skipped: list[SkippedSite]
+    reference_output: Any
+
+
+def analyze(
+    model: torch.nn.Module,
+    args: tuple[Any, ...] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    *,
+    filter_fn: FilterFn | None = None,
+    module_filter: str | None = None,
+) -> Analysis:
+    """Capture `model` and find its attention; sites excluded by a filter are reported as skipped."""
+    args, kwargs = resolve_example_inputs(model, args, kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        captured, reference = capture(model, args, kwargs)
+    values = record_values(captured)
+    sites, skipped = detect_attention(captured.graph_module, values)
+    kept = []
+    for site in sites:
+        if (filter_fn is None or filter_fn(site.path)) and (module_filter is None or re.search(module_filter, site.path)):
+            kept.append(site)
+        else:
+            skipped.append(SkippedSite(site.path, site.core, "excluded by the filter"))
+    return Analysis(captured, values, kept, skipped, reference)
+
+
+def find_attention(
+    model: torch.nn.Module,
+    args: tuple[Any, ...] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    *,
+    filter_fn: FilterFn | None = None,
+) -> list[AttentionSite]:
+    """Every multi-head attention in `model` that convert() would rewrite. Never changes the model."""
+    return analyze(model, args, kwargs, filter_fn=filter_fn).sites
+
+
+def convert(
+    model: torch.nn.Module,
+    args: tuple[Any, ...] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    config: SwitchHeadConfig | None = None,
+    *,
+    filter_fn: FilterFn | None = None,
+) -> torch.fx.GraphModule:
+    """Rewrite every multi-head attention of `model` into SwitchHead attention.
+
+    Returns an fx GraphModule with the same inputs and output structure as `model`; its report is
+    `report_of(result)`. With init="upcycle" and config.verify, the result is checked against the
+    original on the example inputs and a VerificationError is raised on mismatch.
+    """
+    config = config or SwitchHeadConfig()
+    analysis = analyze(model, args, kwargs, filter_fn=filter_fn, module_filter=config.module_filter)
+    if not analysis.sites:
+        reasons = "; ".join(sorted({f"{s.path or '<root>'}: {s.reason}" for s in analysis.skipped})[:3])
+        raise NoAttentionError(f"no attention to rewrite in {type(model).__name__}" + (f" (skipped: {reasons})" if reasons else ""))
+    parameters_before = sum(p.numel() for p in model.parameters())
+    gm = analysis.captured.graph_module
+    rewrites = rewrite_experts(gm, analysis.values, analysis.sites, config)
+    analysis.values.clear()  # the example activations are no longer needed
+    error = None
+    if config.init == "upcycle" and config.verify:
+        error = _verify(gm, analysis, config.verify_rtol)
+    gm.meta[REPORT_KEY] = ConversionReport.build(
+        analysis.sites, analysis.skipped, config=config.to_dict(), dynamic_shapes=analysis.captured.dynamic,
+        static_reason=analysis.captured.static_reason, rewrites=rewrites, verify_max_error=error,
+        parameters_before=parameters_before, parameters_after=sum(p.numel() for p in gm.parameters()),
+    )
+    return gm
+
+
+def report_of(converted: torch.fx.GraphModule) -> ConversionReport:
+    """The ConversionReport that convert() attached to its result."""
+    if REPORT_KEY not in getattr(converted, "meta", {}):
+        raise ValueError("this module was not produced by switchhead.convert()")
+    return converted.meta[REPORT_KEY]
+
+
+def max_relative_error(expected: Any, actual: Any) -> float:
+    """max |a - b| / max |a| over the floating tensors of two outputs of the same structure."""
+    want, want_spec = pytree.tree_flatten(expected)
+    got, got_spec = pytree.tree_flatten(actual)
+    if want_spec != got_spec:
+        raise VerificationError(f"converted model returns {got_spec}, the original {want_spec}")
+    worst = 0.0
+    for a, b in zip(want, got):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            if a.shape != b.shape:
+                raise VerificationError(f"converted output has shape {tuple(b.shape)}, the original {tuple(a.shape)}")
+            a64, b64 = a.detach().double(), b.detach().double()
+            finite = torch.isfinite(a64)
+            if not torch.equal(finite, torch.isfinite(b64)):
+                return float("inf")
+            scale = a64[finite].abs().max().item() if finite.any() else 0.0
+            diff = (a64 - b64)[finite].abs().max().item() if finite.any() else 0.0
+            worst = max(worst, diff / scale if scale > 0 else diff)
+    return worst
+
+
+def _verify(gm: torch.fx.GraphModule, analysis: Analysis, rtol: float) -> float:
+    captured = analysis.captured
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the same dropout masks as the reference run, if the model is training
+        output = gm(*captured.args, **captured.kwargs)
+    error = max_relative_error(analysis.reference_output, output)
+    if not error <= rtol:
+        raise VerificationError(
+            f"converted model differs from the original by {error:.3g} (relative, > {rtol:g}); "
+            "please report this model: its attention was misread"
+        )
+    return error

@@ -1,0 +1,107 @@
+"""Initial values of SwitchHead experts and routers, from a dense attention's weights or at random.
+
+Shape legend: H query heads, G KV heads (H for plain MHA), E experts per head, k active experts,
+d width of the routed tokens, dh head size, d_out width of the output projection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+
+@dataclasses.dataclass
+class ExpertWeights:
+    """The new parameters of one site."""
+
+    v_experts: Tensor  # [G, E, d, dh]
+    v_experts_bias: Tensor | None  # [G, E, dh]
+    v_router: Tensor  # [G*E, d], fp32
+    o_experts: Tensor  # [H, E, dh, d_out]
+    o_router: Tensor  # [H*E, d_q], fp32
+
+
+def upcycle(
+    value_weight: Tensor,
+    value_bias: Tensor | None,
+    output_weight: Tensor,
+    query_width: int,
+    num_experts: int,
+    top_k: int,
+    value_input_rms: float,
+    query_input_rms: float,
+    router_scale: float,
+    generator: torch.Generator,
+) -> ExpertWeights:
+    """Every expert is a copy of its dense head; the routers make the function unchanged.
+
+    value_weight [G, d, dh], value_bias [G, dh] or None, output_weight [H, dh, d_out]; query_width is
+    the width of the O router's input (d_q).
+
+    The routers get tiny random weights, so each logit is ~`router_scale` on the example inputs and
+    every gate is sigmoid(~0) = 1/2 to float rounding: k chosen experts, each a copy scaled by 2/k,
+    sum to the dense head. The logits still differ per token and expert, so tokens pick different
+    experts, the experts receive different gradients and diverge, and the routers learn. (An
+    all-zero router would tie: every token would pick the same k experts forever.)
+    """
+    scale = 2.0 / top_k
+    groups, d, _ = value_weight.shape
+    heads = output_weight.shape[0]
+    return ExpertWeights(
+        v_experts=_replicate(value_weight, num_experts) * scale,
+        v_experts_bias=None if value_bias is None else _replicate(value_bias, num_experts) * scale,
+        v_router=_tiny_router(groups * num_experts, d, value_input_rms, router_scale, generator, value_weight.device),
+        o_experts=_replicate(output_weight, num_experts) * scale,
+        o_router=_tiny_router(heads * num_experts, query_width, query_input_rms, router_scale, generator,
+                              value_weight.device),
+    )
+
+
+def _replicate(per_head: Tensor, num_experts: int) -> Tensor:
+    """[G, ...] -> [G, E, ...], contiguous copies."""
+    return per_head.unsqueeze(1).expand(per_head.shape[0], num_experts, *per_head.shape[1:]).clone()
+
+
+def _tiny_router(rows: int, width: int, input_rms: float, logit_std: float, generator: torch.Generator,
+                 device: torch.device) -> Tensor:
+    std = logit_std / (max(input_rms, 1e-12) * math.sqrt(width))
+    return (torch.randn(rows, width, generator=generator, dtype=torch.float32) * std).to(device)
+
+
+def random_init(
+    groups: int,
+    heads: int,
+    num_experts: int,
+    d_value: int,
+    d_query: int,
+    head_dim: int,
+    d_out: int,
+    value_bias: bool,
+    init_scale: float,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> ExpertWeights:
+    """The paper's initialisation: V experts and routers std init_scale/sqrt(d), router rows
+    renormalised to equal norm, O experts std init_scale/sqrt(H*dh)."""
+
+    def normal(*shape: int, std: float) -> Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float32) * std
+
+    def router(rows: int, width: int) -> Tensor:
+        weight = normal(rows, width, std=init_scale / math.sqrt(width))
+        target = weight.norm(dim=1).mean()
+        return (weight * (target / weight.norm(dim=1, keepdim=True))).to(device)
+
+    v_std = init_scale / math.sqrt(d_value)
+    o_std = init_scale / math.sqrt(heads * head_dim)
+    return ExpertWeights(
+        v_experts=normal(groups, num_experts, d_value, head_dim, std=v_std).to(device, dtype),
+        v_experts_bias=torch.zeros(groups, num_experts, head_dim, dtype=dtype, device=device) if value_bias else None,
+        v_router=router(groups * num_experts, d_value),
+        o_experts=normal(heads, num_experts, head_dim, d_out, std=o_std).to(device, dtype),
+        o_router=router(heads * num_experts, d_query),
+    )

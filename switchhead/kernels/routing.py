@@ -1,0 +1,63 @@
+"""Token routing for the Triton expert kernels, computed on the device with fixed-shape torch ops.
+
+Shape legend:
+    N = tokens, H = heads, E = experts per head, k = active experts per head.
+
+Nothing here reads a value back to the host: every output has a shape known from the inputs' shapes,
+so the routing traces under torch.compile without graph breaks and launches without a sync.
+
+- `gate_table`: the chosen gates scattered into a dense fp32 table G [N, H, E] (0 where unchosen).
+- `expert_bits`: the chosen set of each (token, head) as a bit mask [N, H] (int64, bit e = expert e).
+- `head_order`: per head, tokens sorted by their expert set [H, N]; a tile of consecutive tokens then
+  shares one set (the fan-out kernel skips the experts no token of its tile chose).
+- `signature_order`: tokens sorted by the sets of all heads at once [N] (the fan-in kernel sums over
+  heads, so its tiles need one token order for every head; later heads are less coherent).
+- `expert_groups`: the (token, head, slot) assignments sorted by (head, expert) with group offsets,
+  for the weight-gradient kernel, which reduces over the tokens of one expert.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_KEY_BITS = 62  # bits of an int64 sort key we use (sign bit and one spare left alone)
+
+
+def gate_table(expert_index: Tensor, gates: Tensor, num_experts: int) -> Tensor:
+    """G [N, H, E] fp32: gates[n, h, j] at expert expert_index[n, h, j], 0 elsewhere."""
+    n, h, _ = expert_index.shape
+    table = torch.zeros(n, h, num_experts, dtype=torch.float32, device=gates.device)
+    return table.scatter(2, expert_index, gates.to(torch.float32))
+
+
+def expert_bits(expert_index: Tensor) -> Tensor:
+    """[N, H] int64 bit mask of the chosen experts (indices within a row are distinct, so sum == or)."""
+    return (torch.ones_like(expert_index) << expert_index).sum(-1)
+
+
+def head_order(bits: Tensor) -> Tensor:
+    """[H, N] int64: for each head, the tokens sorted by their expert set."""
+    return torch.sort(bits.t(), dim=1).indices
+
+
+def signature_order(bits: Tensor, num_experts: int) -> Tensor:
+    """[N] int64: tokens sorted by the expert sets of the first heads that fit a 62-bit key."""
+    heads = max(1, min(bits.shape[1], _KEY_BITS // num_experts))
+    key = bits[:, 0]
+    for h in range(1, heads):
+        key = (key << num_experts) | bits[:, h]
+    return torch.sort(key).indices
+
+
+def expert_groups(expert_index: Tensor, gates: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Assignments sorted by (head, expert): token ids [N*H*k], fp32 gates [N*H*k], offsets [H*E+1]."""
+    n, h, k = expert_index.shape
+    heads = torch.arange(h, device=expert_index.device).view(1, h, 1)
+    key = (heads * num_experts + expert_index).flatten()
+    sorted_key, order = torch.sort(key)
+    tokens = torch.div(order, h * k, rounding_mode="floor")
+    sorted_gates = gates.to(torch.float32).flatten()[order]
+    groups = torch.arange(h * num_experts + 1, device=key.device, dtype=sorted_key.dtype)
+    offsets = torch.searchsorted(sorted_key, groups)
+    return tokens, sorted_gates, offsets

@@ -1,0 +1,133 @@
+"""The expert projections on Triton, and how the stable ops reach them on CUDA.
+
+Shape legend: N tokens, d width, H heads, E experts per head, k active, dh head size, d_out width.
+
+Each projection and its backward is a `torch.library.triton_op` (`switchhead::expert_v_triton`, ...)
+whose body is device routing (torch ops, no host sync) plus `wrap_triton` kernel launches:
+
+    expert_v           fan_out(x, W_V)                         sum over k in registers
+    expert_v_backward  fan_in(dY, W_V^T) -> dx, dG (x row dots) ; wgrad(x, dY) -> dW_V, db
+    expert_o           fan_in(attn, W_O)                       sum over H and k in registers
+    expert_o_backward  fan_out(dY, W_O^T) -> dattn, dG (attn row dots) ; wgrad(attn, dY) -> dW_O
+
+Dispatch under the stable names (`switchhead::expert_v` etc., defined in ops.py with the reference
+as their kernel for every device):
+- eager on CUDA: a CUDA kernel registration calls the triton_op, which launches the kernels directly;
+- torch.compile on CUDA: a FunctionalTensorMode rule (the mechanism triton_op itself uses) rewrites
+  the stable op into the triton_op while AOTAutograd functionalises, and the triton_op decomposes into
+  its kernels, so Inductor sees and schedules the Triton kernels;
+- torch.export, and everything on CPU: the rule steps aside and the stable op stays one opaque node,
+  run by the reference kernel (a triton_op traced on CPU would fail: ../shared/docs/facts.md).
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+from switchhead.kernels import ops, routing
+from switchhead.kernels.fan_in import fan_in
+from switchhead.kernels.fan_out import fan_out
+from switchhead.kernels.wgrad import expert_wgrad
+
+
+def _gate_grad(dense: Tensor, expert_index: Tensor, gates: Tensor) -> Tensor:
+    return dense.gather(2, expert_index).to(gates.dtype)
+
+
+@torch.library.triton_op("switchhead::expert_v_triton", mutates_args=())
+def expert_v_triton(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], expert_index: Tensor, gates: Tensor
+) -> Tensor:
+    """expert_v on Triton: x [N, d], weight [H, E, d, dh] -> [N, H*dh]."""
+    h, e, _, dh = weight.shape
+    table = routing.gate_table(expert_index, gates, e)
+    bits = routing.expert_bits(expert_index)
+    b = bias.contiguous() if bias is not None else None
+    out, _ = fan_out(x, weight, b, table, bits, routing.head_order(bits))
+    return out.view(x.shape[0], h * dh)
+
+
+@torch.library.triton_op("switchhead::expert_v_backward_triton", mutates_args=())
+def expert_v_backward_triton(
+    grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], expert_index: Tensor, gates: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (x, weight, bias or empty, gates) of expert_v on Triton."""
+    n, d = x.shape
+    h, e, _, dh = weight.shape
+    x = x.contiguous()
+    gy = grad_out.to(x.dtype).contiguous().view(n, h, dh)
+    table = routing.gate_table(expert_index, gates, e)
+    bits = routing.expert_bits(expert_index)
+    order = routing.signature_order(bits, e)
+    grad_x, dense = fan_in(gy, weight.transpose(2, 3), table, bits, order, gate_input=x)
+    if bias is not None:
+        dense = dense + torch.einsum("nhc,hec->nhe", gy.float(), bias.float())
+    tokens, sorted_gates, offsets = routing.expert_groups(expert_index, gates, e)
+    grad_w, grad_b = expert_wgrad(
+        x.unsqueeze(1).expand(n, h, d), gy, tokens, sorted_gates, offsets, e, bias is not None, weight.dtype
+    )
+    grad_b = grad_b.to(bias.dtype) if grad_b is not None and bias is not None else weight.new_empty(0)
+    return grad_x, grad_w, grad_b, _gate_grad(dense, expert_index, gates)
+
+
+@torch.library.triton_op("switchhead::expert_o_triton", mutates_args=())
+def expert_o_triton(attn: Tensor, weight: Tensor, expert_index: Tensor, gates: Tensor) -> Tensor:
+    """expert_o on Triton: attn [N, H, dh], weight [H, E, dh, d_out] -> [N, d_out]."""
+    e = weight.shape[1]
+    table = routing.gate_table(expert_index, gates, e)
+    bits = routing.expert_bits(expert_index)
+    out, _ = fan_in(attn, weight, table, bits, routing.signature_order(bits, e))
+    return out
+
+
+@torch.library.triton_op("switchhead::expert_o_backward_triton", mutates_args=())
+def expert_o_backward_triton(
+    grad_out: Tensor, attn: Tensor, weight: Tensor, expert_index: Tensor, gates: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (attn, weight, gates) of expert_o on Triton."""
+    n, h, _ = attn.shape
+    e, d_out = weight.shape[1], weight.shape[3]
+    attn = attn.contiguous()
+    gy = grad_out.to(attn.dtype).contiguous()
+    table = routing.gate_table(expert_index, gates, e)
+    bits = routing.expert_bits(expert_index)
+    grad_attn, dense = fan_out(gy, weight.transpose(2, 3), None, table, bits, routing.head_order(bits), gate_input=attn)
+    tokens, sorted_gates, offsets = routing.expert_groups(expert_index, gates, e)
+    grad_w, _ = expert_wgrad(
+        attn, gy.unsqueeze(1).expand(n, h, d_out), tokens, sorted_gates, offsets, e, False, weight.dtype
+    )
+    return grad_attn, grad_w, _gate_grad(dense, expert_index, gates)
+
+
+def _on_cuda(args: tuple) -> bool:
+    return any(isinstance(a, Tensor) and a.is_cuda for a in args)
+
+
+def _triton_when_compiling(triton_impl):
+    """FunctionalTensorMode rule: CUDA inputs outside torch.export decompose into `triton_impl`."""
+
+    def rule(mode, op, types, args, kwargs):
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+        if custom_triton_ops_decomposition_disabled() or not _on_cuda(args):
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        with mode:
+            return triton_impl(*args, **kwargs)
+
+    return rule
+
+
+def _register() -> None:
+    for stable, triton_impl in (
+        (ops.expert_v, expert_v_triton),
+        (ops.expert_v_backward, expert_v_backward_triton),
+        (ops.expert_o, expert_o_triton),
+        (ops.expert_o_backward, expert_o_backward_triton),
+    ):
+        stable.register_kernel("cuda")(triton_impl)
+        stable.register_torch_dispatch(FunctionalTensorMode, _triton_when_compiling(triton_impl))
+
+
+_register()

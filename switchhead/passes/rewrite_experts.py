@@ -1,0 +1,229 @@
+"""Pass: rewrite each detected site's V and O projections into SwitchHead expert ops.
+
+Contract
+    Input: the GraphModule and example values that detection saw, its AttentionSites, a config.
+    Output: the same GraphModule, rewritten in place, and the number of projections rewritten.
+    - The V projection's V columns become `switchhead::expert_v` routed on the V projection's input
+      (the source tokens); other columns of a fused projection keep a dense linear, and the columns
+      are put back in their original order, so everything downstream is untouched.
+    - The O projection becomes `switchhead::expert_o` routed on the query projection's input (the
+      destination tokens); the dense bias stays one shared bias.
+    - Routers compute in fp32: logits = x W_r^T, top-k per head, gates = sigmoid(chosen logits).
+    - Q, K, positional terms, masks and the attention core are not touched.
+    - New parameters live on the attention's module path (`<path>.v_experts`, `.v_router`,
+      `.o_experts`, `.o_router`, ...); replaced dense weights that nothing reads any more are removed.
+    - Inserted reshapes use the tokens' runtime sizes, so dynamic batch / sequence sizes keep working.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+
+from switchhead import experts as expert_init
+from switchhead.config import SwitchHeadConfig
+from switchhead.graph.ops import linear_parts
+from switchhead.site import AttentionSite
+
+aten = torch.ops.aten
+
+
+def rewrite_experts(
+    gm: torch.fx.GraphModule,
+    values: dict[torch.fx.Node, Any],
+    sites: list[AttentionSite],
+    config: SwitchHeadConfig,
+) -> int:
+    """Rewrite every site in place; returns the number of projections rewritten (2 per site)."""
+    generator = torch.Generator().manual_seed(config.seed if config.seed is not None else torch.seed())
+    init_scale = config.init_scale if config.init_scale is not None else 1.0 / math.sqrt(max(len(sites), 1))
+    replaced_attrs: set[str] = set()
+    for site in sites:
+        _rewrite_site(gm, values, site, config, generator, init_scale, replaced_attrs)
+    gm.graph.lint()
+    _drop_unused_attributes(gm, replaced_attrs)
+    gm.recompile()
+    return 2 * len(sites)
+
+
+def _linear_weight(values: dict, node: torch.fx.Node) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The [out, in] weight and [out] bias of a linear-like node, from the example values."""
+    _, weight, bias, transposed = linear_parts(node)
+    w = values[weight].detach()
+    w = w.t() if transposed else w
+    b = values[bias].detach() if isinstance(bias, torch.fx.Node) else None
+    return w, b
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(t.detach().float().pow(2).mean().sqrt())
+
+
+def _rewrite_site(gm, values, site: AttentionSite, config: SwitchHeadConfig, generator, init_scale, replaced_attrs):
+    v_proj, o_proj = site.value_node, site.output_node
+    v_input = linear_parts(v_proj)[0]
+    o_input = linear_parts(o_proj)[0]
+    v_weight, v_bias = _linear_weight(values, v_proj)  # [F, d], [F]
+    o_weight, _ = _linear_weight(values, o_proj)  # [d_out, H*dh]
+    cols = site.value_columns  # [G, dh]
+    value_heads = v_weight[cols].permute(0, 2, 1)  # [G, d, dh]
+    value_bias = v_bias[cols] if v_bias is not None else None  # [G, dh]
+    output_heads = o_weight[:, site.output_columns].permute(1, 2, 0)  # [H, dh, d_out]
+
+    if config.init == "upcycle":
+        weights = expert_init.upcycle(
+            value_heads, value_bias, output_heads, site.query_dim, config.num_experts, config.top_k,
+            _rms(values[v_input]), _rms(values[site.query_input]), config.upcycle_router_scale, generator,
+        )
+    else:
+        weights = expert_init.random_init(
+            site.num_kv_heads, site.num_heads, config.num_experts, site.embed_dim, site.query_dim,
+            site.head_dim, site.out_dim, value_bias is not None, init_scale, generator,
+            v_weight.dtype, v_weight.device,
+        )
+
+    owner = _ensure_module(gm, site.path)
+    names = {
+        name: _register(owner, site.path, name, tensor)
+        for name, tensor in (
+            ("v_experts", weights.v_experts), ("v_experts_bias", weights.v_experts_bias),
+            ("v_router", weights.v_router), ("o_experts", weights.o_experts), ("o_router", weights.o_router),
+        ) if tensor is not None
+    }
+
+    graph = gm.graph
+    before = set(graph.nodes)
+
+    # ---- V: fan-out expert projection routed on the source tokens.
+    features = v_weight.shape[0]
+    rest = _complement(cols.flatten(), features)
+    with graph.inserting_before(v_proj):
+        x2, lead = _rows(graph, v_input, values[v_input].dim(), site.embed_dim)
+        index, gates = _router(graph, x2, names["v_router"], site.num_kv_heads, config)
+        v_out = graph.call_function(torch.ops.switchhead.expert_v.default, (
+            x2, graph.get_attr(names["v_experts"]),
+            graph.get_attr(names["v_experts_bias"]) if "v_experts_bias" in names else None, index, gates))
+        order = torch.cat([rest, cols.flatten()]).argsort()
+        if rest.numel():
+            rest_w = _register(owner, site.path, "v_rest_weight", v_weight[rest].clone())
+            rest_b = _register(owner, site.path, "v_rest_bias", v_bias[rest].clone()) if v_bias is not None else None
+            dense = graph.call_function(aten.linear.default, (x2, graph.get_attr(rest_w), graph.get_attr(rest_b) if rest_b else None))
+            v_out = graph.call_function(aten.cat.default, ([dense, v_out], -1))
+        if not torch.equal(order, torch.arange(features)):
+            order_name = _register(owner, site.path, "v_column_order", order, buffer=True)
+            v_out = graph.call_function(aten.index_select.default, (v_out, -1, graph.get_attr(order_name)))
+        v_new = _unrows(graph, v_out, lead, features)
+    before = _replace(graph, v_proj, v_new, before, replaced_attrs)
+
+    # ---- O: fan-in expert projection routed on the destination (query) tokens.
+    width = site.num_heads * site.head_dim
+    o_bias = linear_parts(o_proj)[2]
+    with graph.inserting_before(o_proj):
+        z2, lead = _rows(graph, o_input, values[o_input].dim(), width)
+        head_columns = site.output_columns.flatten()
+        if not torch.equal(head_columns, torch.arange(width)):
+            order_name = _register(owner, site.path, "o_column_order", head_columns.clone(), buffer=True)
+            z2 = graph.call_function(aten.index_select.default, (z2, -1, graph.get_attr(order_name)))
+        heads = graph.call_function(aten.reshape.default, (z2, [-1, site.num_heads, site.head_dim]))
+        q2, _ = _rows(graph, site.query_input, values[site.query_input].dim(), site.query_dim)
+        index, gates = _router(graph, q2, names["o_router"], site.num_heads, config)
+        o_out = graph.call_function(torch.ops.switchhead.expert_o.default, (
+            heads, graph.get_attr(names["o_experts"]), index, gates))
+        if o_bias is not None:
+            o_out = graph.call_function(aten.add.Tensor, (o_out, o_bias))
+        o_new = _unrows(graph, o_out, lead, site.out_dim)
+    _replace(graph, o_proj, o_new, before, replaced_attrs)
+
+
+def _router(graph: torch.fx.Graph, x2: torch.fx.Node, router_name: str, heads: int, config: SwitchHeadConfig):
+    """fp32 logits [N, heads*E] -> top-k per head -> (expert index [N, heads, k], gates [N, heads, k])."""
+    x32 = graph.call_function(aten._to_copy.default, (x2,), {"dtype": torch.float32})
+    logits = graph.call_function(aten.linear.default, (x32, graph.get_attr(router_name)))
+    logits = graph.call_function(aten.reshape.default, (logits, [-1, heads, config.num_experts]))
+    top = graph.call_function(aten.topk.default, (logits, config.top_k))
+    chosen = graph.call_function(operator.getitem, (top, 0))
+    index = graph.call_function(operator.getitem, (top, 1))
+    gates = graph.call_function(aten.sigmoid.default, (chosen,))
+    return index, gates
+
+
+def _rows(graph: torch.fx.Graph, x: torch.fx.Node, rank: int, width: int) -> tuple[torch.fx.Node, list]:
+    """x [..., width] -> ([N, width], runtime sizes of the leading dims)."""
+    if rank == 2:
+        return x, []
+    lead = [graph.call_function(aten.sym_size.int, (x, i)) for i in range(rank - 1)]
+    return graph.call_function(aten.reshape.default, (x, [-1, width])), lead
+
+
+def _unrows(graph: torch.fx.Graph, y: torch.fx.Node, lead: list, width: int) -> torch.fx.Node:
+    if not lead:
+        return y
+    return graph.call_function(aten.reshape.default, (y, [*lead, width]))
+
+
+def _replace(graph: torch.fx.Graph, old: torch.fx.Node, new: torch.fx.Node, before: set, replaced_attrs: set[str]) -> set:
+    """Swap `old` for `new`; the nodes added since `before` inherit old's module path (for reports)."""
+    stack = old.meta.get("nn_module_stack", {})
+    for node in graph.nodes:
+        if node not in before:
+            node.meta["nn_module_stack"] = stack
+    old.replace_all_uses_with(new)
+    _erase_dead(graph, old, replaced_attrs)
+    return set(graph.nodes)
+
+
+def _erase_dead(graph: torch.fx.Graph, node: torch.fx.Node, replaced_attrs: set[str]) -> None:
+    """Erase `node` and the inputs only it used (weights, their slices); remember freed attributes."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.users or n.op not in ("call_function", "get_attr"):
+            continue
+        inputs = n.all_input_nodes
+        if n.op == "get_attr":
+            replaced_attrs.add(n.target)
+        graph.erase_node(n)
+        stack.extend(inputs)
+
+
+def _complement(columns: torch.Tensor, total: int) -> torch.Tensor:
+    keep = torch.ones(total, dtype=torch.bool)
+    keep[columns] = False
+    return keep.nonzero().flatten()
+
+
+def _ensure_module(gm: torch.nn.Module, path: str) -> torch.nn.Module:
+    module = gm
+    for part in filter(None, path.split(".")):
+        if not hasattr(module, part):
+            module.add_module(part, torch.nn.Module())
+        module = getattr(module, part)
+    return module
+
+
+def _register(owner: torch.nn.Module, path: str, name: str, tensor: torch.Tensor, buffer: bool = False) -> str:
+    """Register a new parameter (or buffer) on `owner` under a free name; returns its full path."""
+    unique, i = name, 1
+    while hasattr(owner, unique):
+        unique, i = f"{name}_{i}", i + 1
+    if buffer:
+        owner.register_buffer(unique, tensor)
+    else:
+        owner.register_parameter(unique, torch.nn.Parameter(tensor.contiguous()))
+    return f"{path}.{unique}" if path else unique
+
+
+def _drop_unused_attributes(gm: torch.fx.GraphModule, candidates: set[str]) -> None:
+    """Delete replaced dense weights that no graph node reads any more."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in candidates - used:
+        *parents, leaf = target.split(".")
+        owner = gm.get_submodule(".".join(parents)) if parents else gm
+        if leaf in owner._parameters:
+            del owner._parameters[leaf]
+        elif leaf in owner._buffers:
+            del owner._buffers[leaf]

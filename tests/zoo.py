@@ -1,0 +1,220 @@
+"""The model zoo every pass is tested on: tiny random-weight configs, built here, no downloads.
+
+Each case builds (model, example args, example kwargs), gives inputs of another shape, and says how
+many attention sites the model has and what they look like.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooCase:
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[int, int], tuple[tuple, dict]]  # (batch, seq) -> (args, kwargs)
+    sites: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    cross_sites: int = 0
+    example: tuple[int, int] = (2, 7)
+    other: tuple[int, int] = (3, 5)
+
+    def example_inputs(self) -> tuple[tuple, dict]:
+        return self.inputs(*self.example)
+
+    def other_inputs(self) -> tuple[tuple, dict]:
+        return self.inputs(*self.other)
+
+
+def _tokens(vocab: int, **extra: Callable[[int, int], Any]):
+    def make(batch: int, seq: int):
+        kwargs = {"input_ids": torch.randint(0, vocab, (batch, seq))}
+        kwargs.update({k: f(batch, seq) for k, f in extra.items()})
+        return (), kwargs
+    return make
+
+
+def _features(width: int, batch_first: bool = True, memory: int | None = None):
+    def make(batch: int, seq: int):
+        shape = (batch, seq, width) if batch_first else (seq, batch, width)
+        args = (torch.randn(*shape),)
+        if memory is not None:
+            mem = (batch, seq + 2, width) if batch_first else (seq + 2, batch, width)
+            args += (torch.randn(*mem),)
+        return args, {}
+    return make
+
+
+def _images(batch: int, _seq: int):
+    return (torch.randn(batch, 3, 32, 32),), {}
+
+
+# ------------------------------------------------------------------------ hand-written modules
+
+
+class NanoGPTBlockAttention(nn.Module):
+    """nanoGPT's CausalSelfAttention: fused c_attn Linear, split, SDPA with is_causal."""
+
+    def __init__(self, d: int = 48, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.c_attn(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, vocab: int = 64, d: int = 48, heads: int = 4, layers: int = 2):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(64, d)
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "ln_1": nn.LayerNorm(d), "attn": NanoGPTBlockAttention(d, heads),
+            "ln_2": nn.LayerNorm(d), "mlp": nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)),
+        }) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = x + block["attn"](block["ln_1"](x))
+            x = x + block["mlp"](block["ln_2"](x))
+        return self.lm_head(self.ln_f(x))
+
+
+class EagerAttention(nn.Module):
+    """Hand-written eager attention: matmul, scale, masked_fill, softmax, dropout, matmul."""
+
+    def __init__(self, d: int = 40, heads: int = 5):
+        super().__init__()
+        self.heads, self.dh = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x, mask):
+        b, t, d = x.shape
+        q, k, v = (p(x).view(b, t, self.heads, self.dh).transpose(1, 2) for p in (self.q, self.k, self.v))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.dh)
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        out = self.drop(scores.softmax(-1)) @ v
+        return self.o(out.transpose(1, 2).reshape(b, t, d))
+
+
+class EagerEncoder(nn.Module):
+    def __init__(self, d: int = 40, heads: int = 5):
+        super().__init__()
+        self.layers = nn.ModuleList(EagerAttention(d, heads) for _ in range(2))
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x, mask):
+        for layer in self.layers:
+            x = x + layer(self.norm(x), mask)
+        return x
+
+
+def _eager_inputs(batch: int, seq: int):
+    mask = torch.ones(batch, seq, dtype=torch.bool)
+    mask[0, -2:] = False
+    return (torch.randn(batch, seq, 40), mask), {}
+
+
+class MHAWrapper(nn.Module):
+    def __init__(self, batch_first: bool, need_weights: bool, cross: bool, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=batch_first)
+        self.need_weights, self.cross = need_weights, cross
+
+    def forward(self, x, memory=None):
+        kv = memory if self.cross else x
+        out, weights = self.attn(x, kv, kv, need_weights=self.need_weights)
+        return (out, weights) if self.need_weights else out
+
+
+# ------------------------------------------------------------------------ library models
+
+
+def _torchvision_vit() -> nn.Module:
+    from torchvision.models import VisionTransformer
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=10)
+
+
+def _timm_vit() -> nn.Module:
+    import timm
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                             num_heads=3, embed_dim=48, num_classes=10)
+
+
+def _bert() -> nn.Module:
+    from transformers import BertConfig, BertModel
+    return BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, max_position_embeddings=64))
+
+
+def _gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+    return GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+
+
+def _llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64))
+
+
+def _t5() -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+    return T5ForConditionalGeneration(T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                               num_decoder_layers=2, num_heads=4, decoder_start_token_id=0))
+
+
+def _eval(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """Seeded, in eval mode; HF decoders without a KV cache (so outputs compare like for like);
+    zero-initialised classifier heads (torchvision's ViT) re-drawn so outputs are not trivially 0."""
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        model = build().eval()
+        for module in model.modules():
+            if getattr(getattr(module, "config", None), "use_cache", False):
+                module.config.use_cache = False
+            if isinstance(module, nn.Linear) and not module.weight.any():
+                nn.init.normal_(module.weight, std=0.2)
+        return model
+    return make
+
+
+ZOO: list[ZooCase] = [
+    ZooCase("mha_self_batch_first", _eval(lambda: MHAWrapper(True, False, False)), _features(32), 1, 4, 4, 8),
+    ZooCase("mha_self_seq_first_weights", _eval(lambda: MHAWrapper(False, True, False)), _features(32, False), 1, 4, 4, 8),
+    ZooCase("mha_cross_batch_first_weights", _eval(lambda: MHAWrapper(True, True, True)), _features(32, True, 1), 1, 4, 4, 8, 1),
+    ZooCase("mha_cross_seq_first", _eval(lambda: MHAWrapper(False, False, True)), _features(32, False, 1), 1, 4, 4, 8, 1),
+    ZooCase("transformer_encoder", _eval(lambda: nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2, enable_nested_tensor=False)), _features(32), 2, 4, 4, 8),
+    ZooCase("transformer_decoder", _eval(lambda: nn.TransformerDecoder(
+        nn.TransformerDecoderLayer(32, 4, 64, batch_first=True), 2)), _features(32, True, 1), 4, 4, 4, 8, 2),
+    ZooCase("torchvision_vit", _eval(_torchvision_vit), _images, 2, 4, 4, 8),
+    ZooCase("timm_vit", _eval(_timm_vit), _images, 2, 3, 3, 16),
+    ZooCase("hf_bert", _eval(_bert), _tokens(99, attention_mask=lambda b, t: torch.ones(b, t, dtype=torch.long)), 2, 4, 4, 8),
+    ZooCase("hf_gpt2", _eval(_gpt2), _tokens(99), 2, 4, 4, 8),
+    ZooCase("hf_llama_gqa", _eval(_llama), _tokens(99), 2, 6, 2, 8),
+    ZooCase("hf_t5", _eval(_t5), _tokens(99, decoder_input_ids=lambda b, t: torch.randint(0, 99, (b, t + 1))), 6, 4, 4, 8, 2),
+    ZooCase("nanogpt", _eval(NanoGPT), lambda b, t: ((torch.randint(0, 64, (b, t)),), {}), 2, 4, 4, 12),
+    ZooCase("eager_attention", _eval(EagerEncoder), _eager_inputs, 2, 5, 5, 8),
+]
+
+ZOO_BY_NAME = {case.name: case for case in ZOO}
