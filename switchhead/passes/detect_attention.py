@@ -34,6 +34,7 @@ from switchhead.graph.ops import (
     NOOP_OPS,
     SDPA_OPS,
     SOFTMAX_OPS,
+    is_pointwise,
     linear_parts,
 )
 from switchhead.graph.provenance import ProvenanceError, ancestors, region_between, replay
@@ -172,18 +173,24 @@ def _softmax_core(graph: _Graph, softmax: torch.fx.Node) -> tuple[Any, Any, torc
             if not products else "softmax output multiplies several tensors"
         )
     product = products[0]
+    # Back from the softmax through what may sit between scores and softmax: scales, masks, biases,
+    # soft-capping, casts (pointwise ops), following the operand shaped like the scores.
     node = softmax.args[0]
     for _ in range(_MAX_SCORE_DEPTH):
-        if node.op == "call_function" and node.target in MATMUL_OPS:
+        if node.op != "call_function":
+            break
+        if node.target in MATMUL_OPS:
             query, _ = _operands(node)
             return query, _operands(product)[1], product
-        shape = graph.values[node].shape if isinstance(graph.values.get(node), torch.Tensor) else None
-        same = [a for a in node.all_input_nodes
-                if isinstance(graph.values.get(a), torch.Tensor) and graph.values[a].dim() == len(shape or ())
-                and not graph.is_parameter_derived(a)] if node.op == "call_function" and shape is not None else []
-        if not same:
+        if not (is_pointwise(node.target) or node.target in CAST_OPS | NOOP_OPS):
             break
-        node = same[0]
+        rank = graph.values[node].dim()
+        scores_like = [a for a in node.all_input_nodes
+                       if isinstance(graph.values.get(a), torch.Tensor) and graph.values[a].dim() == rank
+                       and not graph.is_parameter_derived(a)]
+        if not scores_like:
+            break
+        node = scores_like[0]
     raise SiteRejected("softmax input is not a query-key product")
 
 

@@ -30,6 +30,7 @@ from switchhead.graph.ops import linear_parts
 from switchhead.site import AttentionSite
 
 aten = torch.ops.aten
+ROUTER_META = "switchhead_router"  # on each router's top-k node: the router parameter's name
 
 
 def rewrite_experts(
@@ -145,6 +146,7 @@ def _router(graph: torch.fx.Graph, x2: torch.fx.Node, router_name: str, heads: i
     logits = graph.call_function(aten.linear.default, (x32, graph.get_attr(router_name)))
     logits = graph.call_function(aten.reshape.default, (logits, [-1, heads, config.num_experts]))
     top = graph.call_function(aten.topk.default, (logits, config.top_k))
+    top.meta[ROUTER_META] = router_name
     chosen = graph.call_function(operator.getitem, (top, 0))
     index = graph.call_function(operator.getitem, (top, 1))
     gates = graph.call_function(aten.sigmoid.default, (chosen,))

@@ -1,0 +1,33 @@
+"""Shared test helpers: cached conversions of zoo models (conversion is the slow part)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import switchhead
+from zoo import ZOO_BY_NAME
+
+
+@functools.lru_cache(maxsize=None)
+def converted(case_name: str, num_experts: int = 4, top_k: int = 2, init: str = "upcycle"):
+    """(original model, converted module) for a zoo case. Callers must not modify either."""
+    case = ZOO_BY_NAME[case_name]
+    torch.manual_seed(0)
+    model = case.build()
+    args, kwargs = case.example_inputs()
+    config = switchhead.SwitchHeadConfig(num_experts=num_experts, top_k=top_k, init=init)
+    return model, switchhead.convert(model, args, kwargs, config=config)
+
+
+def new_parameter_names(module: torch.nn.Module) -> list[str]:
+    markers = ("v_experts", "v_router", "o_experts", "o_router", "v_rest_")
+    return [name for name, _ in module.named_parameters() if any(m in name.rsplit(".", 1)[-1] for m in markers)]
+
+
+def output_sum(output) -> torch.Tensor:
+    """A scalar that depends on every floating output, for backward passes."""
+    leaves = torch.utils._pytree.tree_leaves(output)
+    return sum((leaf.float() * torch.randn_like(leaf.float())).sum() for leaf in leaves
+               if isinstance(leaf, torch.Tensor) and leaf.is_floating_point())

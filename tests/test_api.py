@@ -1,0 +1,102 @@
+"""The public verbs: example inputs from the model itself, verification, errors that say what to do."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+
+import switchhead
+from zoo import NanoGPT, ZOO_BY_NAME
+
+
+class SelfDescribing(NanoGPT):
+    def example_inputs(self):
+        return (torch.randint(0, 64, (2, 9)),)
+
+
+def test_convert_without_inputs_uses_example_inputs_method():
+    torch.manual_seed(0)
+    model = SelfDescribing().eval()
+    new = switchhead.convert(model)
+    ids = torch.randint(0, 64, (3, 5))
+    with torch.no_grad():
+        assert switchhead.max_relative_error(model(ids), new(ids)) <= 1e-5
+
+
+def test_convert_without_inputs_uses_hugging_face_dummy_inputs():
+    model = ZOO_BY_NAME["hf_bert"].build()
+    new = switchhead.convert(model)
+    assert switchhead.report_of(new).verify_max_error <= 1e-5
+    ids = torch.randint(0, 99, (2, 6))
+    with torch.no_grad():
+        assert switchhead.max_relative_error(model(input_ids=ids), new(input_ids=ids)) <= 1e-5
+
+
+def test_convert_without_inputs_on_a_plain_module_says_what_to_pass():
+    with pytest.raises(switchhead.MissingInputsError, match=r"pass example inputs, e\.g\. convert\(model, args=\(x,\)\)"):
+        switchhead.convert(NanoGPT())
+
+
+def test_model_failing_on_its_inputs_is_a_capture_error():
+    with pytest.raises(switchhead.CaptureError, match="fails on its example inputs"):
+        switchhead.convert(NanoGPT(), (torch.randn(2, 3, 4),))
+
+
+def test_verification_rejects_a_mismatch():
+    case = ZOO_BY_NAME["nanogpt"]
+    config = switchhead.SwitchHeadConfig(verify_rtol=1e-12)  # rounding alone exceeds this
+    with pytest.raises(switchhead.VerificationError, match="differs from the original"):
+        switchhead.convert(case.build(), *case.example_inputs(), config=config)
+
+
+def test_max_relative_error_rejects_different_structures():
+    with pytest.raises(switchhead.VerificationError, match="returns"):
+        switchhead.max_relative_error((torch.ones(2),), [torch.ones(2), torch.ones(2)])
+    assert switchhead.max_relative_error({"a": torch.ones(3)}, {"a": torch.ones(3)}) == 0.0
+    assert switchhead.max_relative_error(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 0.0])) == float("inf")
+
+
+def test_module_filter_in_config_and_no_match_error():
+    case = ZOO_BY_NAME["hf_t5"]
+    config = switchhead.SwitchHeadConfig(module_filter=r"^decoder\..*EncDecAttention")
+    new = switchhead.convert(case.build(), *case.example_inputs(), config=config)
+    report = switchhead.report_of(new)
+    assert [s["path"] for s in report.sites] == ["decoder.block.0.layer.1.EncDecAttention",
+                                                  "decoder.block.1.layer.1.EncDecAttention"]
+    assert all(s["cross"] for s in report.sites)
+    with pytest.raises(switchhead.NoAttentionError, match="excluded by the filter"):
+        switchhead.convert(case.build(), *case.example_inputs(), config=switchhead.SwitchHeadConfig(module_filter="nope"))
+
+
+def test_report_round_trips_through_json():
+    import json
+    case = ZOO_BY_NAME["hf_llama_gqa"]
+    new = switchhead.convert(case.build(), *case.example_inputs())
+    report = json.loads(switchhead.report_of(new).to_json())
+    assert report["rewrites"] == 4 and report["dynamic_shapes"] is True
+    assert report["parameters_after"] > report["parameters_before"]
+    assert switchhead.SwitchHeadConfig.from_dict(report["config"]) == switchhead.SwitchHeadConfig()
+    assert report["sites"][0]["num_kv_heads"] == 2 and "torch" in report["versions"]
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(num_experts=0), "num_experts must be a positive integer"),
+    (dict(top_k=5, num_experts=4), r"top_k must be an integer in \[1, num_experts=4\]"),
+    (dict(top_k=0), "top_k"),
+    (dict(init="fold"), "init must be one of upcycle, random"),
+    (dict(module_filter="("), "module_filter is not a valid regular expression"),
+    (dict(init_scale=-1.0), "init_scale must be a positive number"),
+    (dict(upcycle_router_scale=0.5), "upcycle_router_scale"),
+    (dict(version=99), "config version 99 is not supported"),
+])
+def test_config_validation(bad, message):
+    with pytest.raises(ValueError, match=message):
+        switchhead.SwitchHeadConfig(**bad)
+
+
+def test_config_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown SwitchHeadConfig fields: heads"):
+        switchhead.SwitchHeadConfig.from_dict({"heads": 2})
+    config = switchhead.SwitchHeadConfig(num_experts=8, top_k=3, init="random", seed=None)
+    assert switchhead.SwitchHeadConfig.from_dict(dataclasses.asdict(config)) == config
