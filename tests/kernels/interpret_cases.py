@@ -1,0 +1,114 @@
+"""Triton kernels under TRITON_INTERPRET=1 on the CPU against their references (run by test_interpret.py).
+
+Not collected on its own (no test_ prefix): the interpreter must be switched on before Triton is
+imported, so test_interpret.py runs this file in a fresh process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/kernels/test_interpret.py"
+
+import switchhead.kernels  # noqa: E402,F401
+from switchhead.kernels import reference, routing  # noqa: E402
+from switchhead.kernels.fan_in import fan_in, fan_in_reference  # noqa: E402
+from switchhead.kernels.fan_out import TileConfig, fan_out, fan_out_reference  # noqa: E402
+from switchhead.kernels.wgrad import expert_wgrad, expert_wgrad_reference  # noqa: E402
+
+from _cases import Shape, make_problem, rel_err  # noqa: E402
+
+# bf16 is checked on the GPU only: the interpreter computes tl.dot on bf16 raw bits (triton 3.8).
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+
+# N never a multiple of the blocks; k = 1, 2, 3; E up to 8; dh 16..128; H up to 8.
+SHAPES = [
+    Shape(37, 40, 1, 1, 1, 16, 24),
+    Shape(53, 72, 3, 5, 2, 24, 56),
+    Shape(29, 33, 2, 8, 3, 128, 40),
+    Shape(41, 64, 8, 4, 3, 20, 48),
+    Shape(23, 48, 4, 8, 1, 76, 36),
+]
+SMALL = TileConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    """Every torch.empty (kernel outputs and partials) starts as NaN / a huge int: unwritten shows."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(2**30)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def _chosen(p, e: int) -> torch.Tensor:
+    """[N, H, E] bool: which gate-table entries are chosen (gate gradients are defined there only)."""
+    return torch.zeros(*p.expert_index.shape[:2], e, dtype=torch.bool).scatter(2, p.expert_index, True)
+
+
+@pytest.mark.parametrize("s", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_full_ops_forward_and_every_gradient(s: Shape, dtype: torch.dtype) -> None:
+    p = make_problem(s, dtype)
+    tol = TOL[dtype]
+    v = torch.ops.switchhead.expert_v_triton(p.x, p.w_v, p.b_v, p.expert_index, p.gates)
+    ref64 = [t.double() if t.is_floating_point() else t for t in (p.x, p.w_v, p.b_v, p.expert_index, p.gates)]
+    assert v.dtype == dtype and rel_err(v, reference.expert_v_reference(*ref64)) < tol
+    o = torch.ops.switchhead.expert_o_triton(p.attn, p.w_o, p.expert_index, p.gates)
+    o_args = [p.attn.double(), p.w_o.double(), p.expert_index, p.gates.double()]
+    assert o.dtype == dtype and rel_err(o, reference.expert_o_reference(*o_args)) < tol
+
+    got = torch.ops.switchhead.expert_v_backward_triton(p.grad_v, p.x, p.w_v, p.b_v, p.expert_index, p.gates)
+    want = reference.expert_v_backward_reference(p.grad_v.double(), *ref64)
+    for name, g, w in zip(("x", "w", "b", "gates"), got, want):
+        assert g.shape == w.shape and rel_err(g, w) < tol, name
+    assert got[3].dtype == p.gates.dtype
+    no_bias = torch.ops.switchhead.expert_v_backward_triton(p.grad_v, p.x, p.w_v, None, p.expert_index, p.gates)
+    assert no_bias[2].numel() == 0
+
+    got = torch.ops.switchhead.expert_o_backward_triton(p.grad_o, p.attn, p.w_o, p.expert_index, p.gates)
+    want = reference.expert_o_backward_reference(p.grad_o.double(), *o_args)
+    for name, g, w in zip(("attn", "w", "gates"), got, want):
+        assert g.shape == w.shape and rel_err(g, w) < tol, name
+
+
+@pytest.mark.parametrize("s", SHAPES[1:4], ids=str)
+def test_kernels_with_small_blocks(s: Shape) -> None:
+    """16-wide blocks: several row, column and reduction blocks, ragged at every edge."""
+    p = make_problem(s, torch.float32)
+    table = routing.gate_table(p.expert_index, p.gates, s.e)
+    bits = routing.expert_bits(p.expert_index)
+    chosen = _chosen(p, s.e)
+
+    out, gg = fan_out(p.x, p.w_v, p.b_v, table, bits, routing.head_order(bits), p.attn, config=SMALL)
+    ref_out, ref_gg = fan_out_reference(p.x, p.w_v, p.b_v, table, p.attn)
+    assert rel_err(out, ref_out) < 1e-5 and rel_err(gg[chosen], ref_gg[chosen]) < 1e-5
+
+    w_t = p.w_v.transpose(2, 3)
+    a = p.grad_v.view(s.n, s.h, s.dh)
+    out, gg = fan_in(a, w_t, table, bits, routing.signature_order(bits, s.e), p.x, config=SMALL)
+    ref_out, ref_gg = fan_in_reference(a, w_t, table, p.x)
+    assert rel_err(out, ref_out) < 1e-5 and rel_err(gg[chosen], ref_gg[chosen]) < 1e-5
+
+    groups = routing.expert_groups(p.expert_index, p.gates, s.e)
+    x_heads = p.x.unsqueeze(1).expand(s.n, s.h, s.d)
+    gw, gb = expert_wgrad(x_heads, a, *groups, s.e, True, torch.float32, config=SMALL)
+    ref_gw, ref_gb = expert_wgrad_reference(x_heads, a, table)
+    assert rel_err(gw, ref_gw) < 1e-5 and rel_err(gb, ref_gb) < 1e-5
+
+
+def test_routing_orders_are_permutations() -> None:
+    s = Shape(57, 8, 3, 6, 2, 8, 8)
+    p = make_problem(s, torch.float32)
+    bits = routing.expert_bits(p.expert_index)
+    assert torch.equal(routing.head_order(bits).sort(1).values, torch.arange(s.n).expand(s.h, s.n))
+    assert torch.equal(routing.signature_order(bits, s.e).sort().values, torch.arange(s.n))
+    tokens, _, offsets = routing.expert_groups(p.expert_index, p.gates, s.e)
+    assert offsets[-1].item() == s.n * s.h * s.k and torch.equal(offsets.diff(), bits.new_tensor(
+        [(p.expert_index[:, h] == e).sum().item() for h in range(s.h) for e in range(s.e)]))
