@@ -65,6 +65,10 @@ class SwitchHeadConfig:
         if self.version != CONFIG_VERSION:
             raise ValueError(f"config version {self.version} is not supported (this build reads {CONFIG_VERSION})")
 
+    def resolved_num_experts(self, group_size: int) -> int:
+        """E for a site whose new heads each fold `group_size` dense heads."""
+        return self.num_experts
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -37,6 +37,9 @@ class AttentionSite:
     output_columns: torch.Tensor = dataclasses.field(repr=False, default=None)  # [H, dh] proj input features
     query_input: torch.fx.Node = dataclasses.field(repr=False, default=None)
     core_node: torch.fx.Node = dataclasses.field(repr=False, default=None)
+    query_node: torch.fx.Node = dataclasses.field(repr=False, default=None)  # the Q projection
+    key_node: torch.fx.Node | None = dataclasses.field(repr=False, default=None)  # the K projection
+    core_operands: tuple = dataclasses.field(repr=False, default=())  # (query, key, value) at the core
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.repr}

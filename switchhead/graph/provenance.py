@@ -9,7 +9,10 @@ reshuffles, batch-first or not) without any per-model pattern.
 
 `exact` replay admits only ops that move elements (LAYOUT_OPS, casts). `rows` replay also passes ids
 through pointwise ops and through reductions over dims the ids are constant on (RoPE, q/k norms,
-scales): right for token ids, which such ops do not mix, and wrong for feature ids.
+scales): right for token ids, which such ops do not mix, and wrong for feature ids. `lenient` replay
+passes the ids of the first on-path operand through pointwise ops and keeps the smallest id through
+reductions: the id of the element a position *mainly* comes from, used to find which elements of a
+tensor reach which positions downstream; pair it with a `rerun` check when mixing matters.
 """
 
 from __future__ import annotations
@@ -104,6 +107,16 @@ def _replay_node(node: torch.fx.Node, prov: dict, values: dict, mode: str) -> An
         if target in (aten.cat.default, aten.stack.default) and not all(a in prov for a in node.args[0]):
             raise ProvenanceError(f"{describe(node)} joins the path with other tensors")
         return target(*args, **kwargs)
+    if mode == "lenient":
+        shape = values[node].shape
+        if is_pointwise(target) or target is aten.dropout.default:
+            first = next(prov[a] for a in node.all_input_nodes if a in prov)
+            return first.expand(shape) if first.dim() <= len(shape) else first
+        if target in _ROW_REDUCTIONS:
+            source = prov[node.args[0]]
+            dims = node.args[1] if len(node.args) > 1 and node.args[1] is not None else list(range(source.dim()))
+            keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+            return source.amin(dims, keepdim=keepdim)
     if mode == "rows":
         shape = values[node].shape
         if is_pointwise(target) or target is aten.dropout.default:
@@ -123,3 +136,17 @@ def _replay_node(node: torch.fx.Node, prov: dict, values: dict, mode: str) -> An
                 return high
             raise ProvenanceError(f"{describe(node)} reduces across rows")
     raise ProvenanceError(f"{describe(node)} is not a pure data movement")
+
+
+def rerun(
+    region: list[torch.fx.Node], seeds: dict[torch.fx.Node, torch.Tensor], values: dict[torch.fx.Node, Any]
+) -> dict[torch.fx.Node, Any]:
+    """Run the region's real ops again with new values for the seeds, example values elsewhere."""
+    out: dict[torch.fx.Node, Any] = dict(seeds)
+    for node in region:
+        if node in out or node.op != "call_function" or not any(a in out for a in node.all_input_nodes):
+            continue
+        substitute = lambda a: out[a] if a in out else values[a]  # noqa: E731
+        out[node] = node.target(*torch.fx.node.map_arg(node.args, substitute),
+                                **torch.fx.node.map_arg(node.kwargs, substitute))
+    return out

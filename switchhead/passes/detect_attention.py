@@ -151,8 +151,8 @@ def _is_batched_matmul_einsum(equation: str) -> bool:
     return product or scores
 
 
-def _softmax_core(graph: _Graph, softmax: torch.fx.Node) -> tuple[Any, Any, torch.fx.Node]:
-    """(query, value, core output) of a softmax attention, or SiteRejected."""
+def _softmax_core(graph: _Graph, softmax: torch.fx.Node) -> tuple[Any, Any, Any, torch.fx.Node]:
+    """(query, key, value, core output) of a softmax attention, or SiteRejected."""
     scores = graph.values[softmax.args[0]]
     dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim")
     if not isinstance(scores, torch.Tensor) or scores.dim() < 2 or dim not in (-1, scores.dim() - 1):
@@ -180,8 +180,8 @@ def _softmax_core(graph: _Graph, softmax: torch.fx.Node) -> tuple[Any, Any, torc
         if node.op != "call_function":
             break
         if node.target in MATMUL_OPS:
-            query, _ = _operands(node)
-            return query, _operands(product)[1], product
+            query, key = _operands(node)
+            return query, key, _operands(product)[1], product
         if not (is_pointwise(node.target) or node.target in CAST_OPS | NOOP_OPS):
             break
         rank = graph.values[node].dim()
@@ -194,9 +194,9 @@ def _softmax_core(graph: _Graph, softmax: torch.fx.Node) -> tuple[Any, Any, torc
     raise SiteRejected("softmax input is not a query-key product")
 
 
-def _find_core(graph: _Graph, node: torch.fx.Node, kind: str) -> tuple[Any, Any, torch.fx.Node]:
+def _find_core(graph: _Graph, node: torch.fx.Node, kind: str) -> tuple[Any, Any, Any, torch.fx.Node]:
     if kind == "sdpa":
-        return node.args[0], node.args[2], node
+        return node.args[0], node.args[1], node.args[2], node
     return _softmax_core(graph, node)
 
 
@@ -232,10 +232,11 @@ def _walk_forward_to_projection(graph: _Graph, core_out: torch.fx.Node) -> torch
     return found[0]
 
 
-def _query_projection(graph: _Graph, query: Any) -> torch.fx.Node:
-    if not isinstance(query, torch.fx.Node):
-        raise SiteRejected("query is not a graph value")
-    found, stack, seen = set(), [query], {query}
+def _source_projection(graph: _Graph, operand: Any, role: str) -> torch.fx.Node:
+    """The one linear map a query / key operand of the core is computed from (through anything)."""
+    if not isinstance(operand, torch.fx.Node):
+        raise SiteRejected(f"{role} is not a graph value")
+    found, stack, seen = set(), [operand], {operand}
     while stack:
         node = stack.pop()
         if graph.projection(node):
@@ -247,8 +248,8 @@ def _query_projection(graph: _Graph, query: Any) -> torch.fx.Node:
                 stack.append(arg)
     if len(found) != 1:
         raise SiteRejected(
-            "query does not come from a linear projection" if not found
-            else "query depends on several projections"
+            f"{role} does not come from a linear projection" if not found
+            else f"{role} depends on several projections"
         )
     return found.pop()
 
@@ -290,7 +291,7 @@ def _projection_label(proj: torch.fx.Node, role: str, fused: bool, attention_typ
 
 def _trace_site(graph: _Graph, node: torch.fx.Node, kind: str, path: str, module_type: str) -> AttentionSite:
     values = graph.values
-    query, value, core_out = _find_core(graph, node, kind)
+    query, key, value, core_out = _find_core(graph, node, kind)
     if not isinstance(value, torch.fx.Node):
         raise SiteRejected("value is not a graph value")
 
@@ -345,7 +346,8 @@ def _trace_site(graph: _Graph, node: torch.fx.Node, kind: str, path: str, module
     z_rows = z_tokens.reshape(-1, width)[:, 0]
 
     # Query: its projection's input routes the O experts; its rows must be the O rows.
-    q_proj = _query_projection(graph, query)
+    q_proj = _source_projection(graph, query, "query")
+    k_proj = _source_projection(graph, key, "key")
     q_input = linear_parts(q_proj)[0]
     q_rows = _replay(graph, q_proj, query, _ids(values[q_proj].shape, "row"), "rows", "query")
     row_of_token = _query_row_of_token(q_rows, num_heads)
@@ -375,6 +377,9 @@ def _trace_site(graph: _Graph, node: torch.fx.Node, kind: str, path: str, module
         output_columns=output_columns,
         query_input=q_input,
         core_node=core_out,
+        query_node=q_proj,
+        key_node=k_proj,
+        core_operands=(query, key, value),
     )
 
 

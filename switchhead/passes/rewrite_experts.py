@@ -17,6 +17,7 @@ Contract
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from typing import Any
@@ -33,25 +34,51 @@ aten = torch.ops.aten
 ROUTER_META = "switchhead_router"  # on each router's top-k node: the router parameter's name
 
 
+@dataclasses.dataclass
+class SitePlan:
+    """What the rewrite of one site puts in the graph.
+
+    Columns are in the coordinates of the V projection's output (`value_columns`,
+    `value_projection_columns`) and of the O projection's input *after* any head folding
+    (`output_columns`). `value_weight`/`value_bias` hold the V projection's full [F, d] weight, with
+    any folded Q/K rows of a fused projection already in place.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    value_columns: torch.Tensor  # [G, dh] V-projection features of each (new) KV head
+    value_projection_columns: torch.Tensor  # sorted V-projection features that survive
+    value_weight: torch.Tensor  # [F, d]
+    value_bias: torch.Tensor | None  # [F]
+    output_columns: torch.Tensor  # [H, dh] O-projection input columns of each (new) head
+    weights: expert_init.ExpertWeights
+
+
 def rewrite_experts(
     gm: torch.fx.GraphModule,
     values: dict[torch.fx.Node, Any],
     sites: list[AttentionSite],
     config: SwitchHeadConfig,
+    plans: dict[int, SitePlan] | None = None,
 ) -> int:
-    """Rewrite every site in place; returns the number of projections rewritten (2 per site)."""
+    """Rewrite every site in place; returns the number of projections rewritten (2 per site).
+
+    `plans` maps a site's index to a precomputed plan (head folding makes its own); the others get
+    the upcycle or random plan of `config`.
+    """
     generator = torch.Generator().manual_seed(config.seed if config.seed is not None else torch.seed())
     init_scale = config.init_scale if config.init_scale is not None else 1.0 / math.sqrt(max(len(sites), 1))
     replaced_attrs: set[str] = set()
-    for site in sites:
-        _rewrite_site(gm, values, site, config, generator, init_scale, replaced_attrs)
+    for index, site in enumerate(sites):
+        plan = (plans or {}).get(index) or dense_plan(values, site, config, generator, init_scale)
+        _rewrite_site(gm, values, site, plan, config, replaced_attrs)
     gm.graph.lint()
-    _drop_unused_attributes(gm, replaced_attrs)
+    drop_unused_attributes(gm, replaced_attrs)
     gm.recompile()
     return 2 * len(sites)
 
 
-def _linear_weight(values: dict, node: torch.fx.Node) -> tuple[torch.Tensor, torch.Tensor | None]:
+def linear_weight(values: dict, node: torch.fx.Node) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The [out, in] weight and [out] bias of a linear-like node, from the example values."""
     _, weight, bias, transposed = linear_parts(node)
     w = values[weight].detach()
@@ -60,78 +87,90 @@ def _linear_weight(values: dict, node: torch.fx.Node) -> tuple[torch.Tensor, tor
     return w, b
 
 
-def _rms(t: torch.Tensor) -> float:
+def rms(t: torch.Tensor) -> float:
     return float(t.detach().float().pow(2).mean().sqrt())
 
 
-def _rewrite_site(gm, values, site: AttentionSite, config: SwitchHeadConfig, generator, init_scale, replaced_attrs):
+def dense_plan(values, site: AttentionSite, config: SwitchHeadConfig, generator, init_scale) -> SitePlan:
+    """Same heads as the dense model: upcycled copies of each head, or the paper's random init."""
+    v_weight, v_bias = linear_weight(values, site.value_node)  # [F, d], [F]
+    o_weight, _ = linear_weight(values, site.output_node)  # [d_out, H*dh]
+    cols = site.value_columns  # [G, dh]
+    num_experts = config.resolved_num_experts(group_size=1)
+    if config.init == "random":
+        weights = expert_init.random_init(
+            site.num_kv_heads, site.num_heads, num_experts, site.embed_dim, site.query_dim,
+            site.head_dim, site.out_dim, v_bias is not None, init_scale, generator,
+            v_weight.dtype, v_weight.device,
+        )
+    else:
+        weights = expert_init.upcycle(
+            v_weight[cols].permute(0, 2, 1),  # [G, d, dh]
+            v_bias[cols] if v_bias is not None else None,  # [G, dh]
+            o_weight[:, site.output_columns].permute(1, 2, 0),  # [H, dh, d_out]
+            site.query_dim, num_experts, config.top_k,
+            rms(values[linear_parts(site.value_node)[0]]), rms(values[site.query_input]),
+            config.upcycle_router_scale, generator,
+        )
+    return SitePlan(site.num_heads, site.num_kv_heads, cols, torch.arange(v_weight.shape[0]), v_weight, v_bias,
+                    site.output_columns, weights)
+
+
+def _rewrite_site(gm, values, site: AttentionSite, plan: SitePlan, config: SwitchHeadConfig, replaced_attrs):
     v_proj, o_proj = site.value_node, site.output_node
     v_input = linear_parts(v_proj)[0]
     o_input = linear_parts(o_proj)[0]
-    v_weight, v_bias = _linear_weight(values, v_proj)  # [F, d], [F]
-    o_weight, _ = _linear_weight(values, o_proj)  # [d_out, H*dh]
-    cols = site.value_columns  # [G, dh]
-    value_heads = v_weight[cols].permute(0, 2, 1)  # [G, d, dh]
-    value_bias = v_bias[cols] if v_bias is not None else None  # [G, dh]
-    output_heads = o_weight[:, site.output_columns].permute(1, 2, 0)  # [H, dh, d_out]
-
-    if config.init == "upcycle":
-        weights = expert_init.upcycle(
-            value_heads, value_bias, output_heads, site.query_dim, config.num_experts, config.top_k,
-            _rms(values[v_input]), _rms(values[site.query_input]), config.upcycle_router_scale, generator,
-        )
-    else:
-        weights = expert_init.random_init(
-            site.num_kv_heads, site.num_heads, config.num_experts, site.embed_dim, site.query_dim,
-            site.head_dim, site.out_dim, value_bias is not None, init_scale, generator,
-            v_weight.dtype, v_weight.device,
-        )
-
+    weights = plan.weights
     owner = _ensure_module(gm, site.path)
     names = {
-        name: _register(owner, site.path, name, tensor)
+        name: register(owner, site.path, name, tensor)
         for name, tensor in (
             ("v_experts", weights.v_experts), ("v_experts_bias", weights.v_experts_bias),
             ("v_router", weights.v_router), ("o_experts", weights.o_experts), ("o_router", weights.o_router),
         ) if tensor is not None
     }
+    num_experts = weights.v_experts.shape[1]
 
     graph = gm.graph
     before = set(graph.nodes)
 
-    # ---- V: fan-out expert projection routed on the source tokens.
-    features = v_weight.shape[0]
-    rest = _complement(cols.flatten(), features)
+    # ---- V: fan-out expert projection routed on the source tokens. The projection's surviving
+    # columns are rebuilt in their original order: [dense rest | experts] -> permutation.
+    cols = plan.value_columns.flatten()
+    kept = plan.value_projection_columns
+    rest = kept[~torch.isin(kept, cols)]
     with graph.inserting_before(v_proj):
         x2, lead = _rows(graph, v_input, values[v_input].dim(), site.embed_dim)
-        index, gates = _router(graph, x2, names["v_router"], site.num_kv_heads, config)
+        index, gates = _router(graph, x2, names["v_router"], plan.num_kv_heads, num_experts, config.top_k)
         v_out = graph.call_function(torch.ops.switchhead.expert_v.default, (
             x2, graph.get_attr(names["v_experts"]),
             graph.get_attr(names["v_experts_bias"]) if "v_experts_bias" in names else None, index, gates))
-        order = torch.cat([rest, cols.flatten()]).argsort()
         if rest.numel():
-            rest_w = _register(owner, site.path, "v_rest_weight", v_weight[rest].clone())
-            rest_b = _register(owner, site.path, "v_rest_bias", v_bias[rest].clone()) if v_bias is not None else None
+            rest_w = register(owner, site.path, "v_rest_weight", plan.value_weight[rest].clone())
+            rest_b = (register(owner, site.path, "v_rest_bias", plan.value_bias[rest].clone())
+                      if plan.value_bias is not None else None)
             dense = graph.call_function(aten.linear.default, (x2, graph.get_attr(rest_w), graph.get_attr(rest_b) if rest_b else None))
             v_out = graph.call_function(aten.cat.default, ([dense, v_out], -1))
-        if not torch.equal(order, torch.arange(features)):
-            order_name = _register(owner, site.path, "v_column_order", order, buffer=True)
+        # position of each surviving column (ascending feature order) in [rest | experts]
+        order = torch.cat([rest, cols]).argsort()
+        if not torch.equal(order, torch.arange(order.numel())):
+            order_name = register(owner, site.path, "v_column_order", order, buffer=True)
             v_out = graph.call_function(aten.index_select.default, (v_out, -1, graph.get_attr(order_name)))
-        v_new = _unrows(graph, v_out, lead, features)
+        v_new = _unrows(graph, v_out, lead, kept.numel())
     before = _replace(graph, v_proj, v_new, before, replaced_attrs)
 
     # ---- O: fan-in expert projection routed on the destination (query) tokens.
-    width = site.num_heads * site.head_dim
+    width = plan.num_heads * site.head_dim
     o_bias = linear_parts(o_proj)[2]
     with graph.inserting_before(o_proj):
         z2, lead = _rows(graph, o_input, values[o_input].dim(), width)
-        head_columns = site.output_columns.flatten()
+        head_columns = plan.output_columns.flatten()
         if not torch.equal(head_columns, torch.arange(width)):
-            order_name = _register(owner, site.path, "o_column_order", head_columns.clone(), buffer=True)
+            order_name = register(owner, site.path, "o_column_order", head_columns.clone(), buffer=True)
             z2 = graph.call_function(aten.index_select.default, (z2, -1, graph.get_attr(order_name)))
-        heads = graph.call_function(aten.reshape.default, (z2, [-1, site.num_heads, site.head_dim]))
+        heads = graph.call_function(aten.reshape.default, (z2, [-1, plan.num_heads, site.head_dim]))
         q2, _ = _rows(graph, site.query_input, values[site.query_input].dim(), site.query_dim)
-        index, gates = _router(graph, q2, names["o_router"], site.num_heads, config)
+        index, gates = _router(graph, q2, names["o_router"], plan.num_heads, num_experts, config.top_k)
         o_out = graph.call_function(torch.ops.switchhead.expert_o.default, (
             heads, graph.get_attr(names["o_experts"]), index, gates))
         if o_bias is not None:
@@ -140,12 +179,12 @@ def _rewrite_site(gm, values, site: AttentionSite, config: SwitchHeadConfig, gen
     _replace(graph, o_proj, o_new, before, replaced_attrs)
 
 
-def _router(graph: torch.fx.Graph, x2: torch.fx.Node, router_name: str, heads: int, config: SwitchHeadConfig):
+def _router(graph: torch.fx.Graph, x2: torch.fx.Node, router_name: str, heads: int, num_experts: int, top_k: int):
     """fp32 logits [N, heads*E] -> top-k per head -> (expert index [N, heads, k], gates [N, heads, k])."""
     x32 = graph.call_function(aten._to_copy.default, (x2,), {"dtype": torch.float32})
     logits = graph.call_function(aten.linear.default, (x32, graph.get_attr(router_name)))
-    logits = graph.call_function(aten.reshape.default, (logits, [-1, heads, config.num_experts]))
-    top = graph.call_function(aten.topk.default, (logits, config.top_k))
+    logits = graph.call_function(aten.reshape.default, (logits, [-1, heads, num_experts]))
+    top = graph.call_function(aten.topk.default, (logits, top_k))
     top.meta[ROUTER_META] = router_name
     chosen = graph.call_function(operator.getitem, (top, 0))
     index = graph.call_function(operator.getitem, (top, 1))
@@ -192,12 +231,6 @@ def _erase_dead(graph: torch.fx.Graph, node: torch.fx.Node, replaced_attrs: set[
         stack.extend(inputs)
 
 
-def _complement(columns: torch.Tensor, total: int) -> torch.Tensor:
-    keep = torch.ones(total, dtype=torch.bool)
-    keep[columns] = False
-    return keep.nonzero().flatten()
-
-
 def _ensure_module(gm: torch.nn.Module, path: str) -> torch.nn.Module:
     module = gm
     for part in filter(None, path.split(".")):
@@ -207,7 +240,7 @@ def _ensure_module(gm: torch.nn.Module, path: str) -> torch.nn.Module:
     return module
 
 
-def _register(owner: torch.nn.Module, path: str, name: str, tensor: torch.Tensor, buffer: bool = False) -> str:
+def register(owner: torch.nn.Module, path: str, name: str, tensor: torch.Tensor, buffer: bool = False) -> str:
     """Register a new parameter (or buffer) on `owner` under a free name; returns its full path."""
     unique, i = name, 1
     while hasattr(owner, unique):
@@ -219,7 +252,7 @@ def _register(owner: torch.nn.Module, path: str, name: str, tensor: torch.Tensor
     return f"{path}.{unique}" if path else unique
 
 
-def _drop_unused_attributes(gm: torch.fx.GraphModule, candidates: set[str]) -> None:
+def drop_unused_attributes(gm: torch.fx.GraphModule, candidates: set[str]) -> None:
     """Delete replaced dense weights that no graph node reads any more."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for target in candidates - used:
