@@ -23,14 +23,14 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from switchhead.kernels.fan_out import TileConfig, dot_precision, pow2_block
+from switchhead.kernels.fan_out import TileConfig, dot_precision
 
 
 def fan_in_config(k_width: int, c_width: int) -> TileConfig:
-    """Heuristic tiles for the H200 (bf16): 64-row tiles keep tiles coherent over all heads."""
-    block_k = pow2_block(k_width, 64, max_waste=1.15)
-    block_n = 128 if c_width >= 128 else pow2_block(c_width, 128, max_waste=1.5)
-    return TileConfig(block_m=64, block_n=block_n, block_k=block_k, num_warps=4, num_stages=3)
+    """Tiles for the H200 (bf16), from the sweep in benchmarks/bench_kernels.py: 64-row tiles keep
+    tiles coherent over all heads; 32-wide reduction chunks pad dh = 76 / 112 / 132 the least."""
+    block_n = 128 if c_width >= 128 else max(16, triton.next_power_of_2(c_width))
+    return TileConfig(block_m=64, block_n=block_n, block_k=32, num_warps=4, num_stages=4)
 
 
 @triton.jit

@@ -37,18 +37,14 @@ class TileConfig:
     num_stages: int = 3
 
 
-def pow2_block(width: int, largest: int, max_waste: float = 1.15) -> int:
-    """The largest power-of-two block <= largest whose padding of `width` wastes at most max_waste."""
-    block = largest
-    while block > 16 and triton.cdiv(width, block) * block > max_waste * width:
-        block //= 2
-    return block
-
-
 def fan_out_config(k_width: int, c_width: int) -> TileConfig:
-    """Heuristic tiles for the H200 (bf16): a 128-row tile, the whole head in one column block if cheap."""
-    block_n = pow2_block(c_width, 128, max_waste=1.2)
-    return TileConfig(block_m=128, block_n=block_n, block_k=64, num_warps=8, num_stages=3)
+    """Tiles for the H200 (bf16), from the sweep in benchmarks/bench_kernels.py: 128-row tiles; a head
+    of 65..128 columns in one 128-wide block, wider heads in 64-wide blocks (132 -> 3 x 64)."""
+    if c_width <= 64:
+        return TileConfig(block_m=128, block_n=max(16, triton.next_power_of_2(c_width)), block_k=64)
+    if c_width <= 128:
+        return TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+    return TileConfig(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=3)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -110,7 +106,7 @@ def fan_out(
 
     a [N, K]; weight [H, E, K, C] with any strides (pass W_O.transpose(2, 3) for O's backward);
     bias [H, E, C] contiguous in C or None; table [N, H, E] fp32 and bits [N, H] contiguous;
-    order [H, N] = routing.head_order(bits).
+    order [H, N] = routing.head_order(bits, E).
     """
     n, k_width = a.shape
     h, e, _, c_width = weight.shape

@@ -36,16 +36,24 @@ def _gate_grad(dense: Tensor, expert_index: Tensor, gates: Tensor) -> Tensor:
     return dense.gather(2, expert_index).to(gates.dtype)
 
 
+def _check_experts(weight: Tensor) -> int:
+    e = weight.shape[1]
+    if e > routing.MAX_EXPERTS:
+        raise ValueError(f"Triton expert kernels take at most {routing.MAX_EXPERTS} experts per head, got {e}")
+    return e
+
+
 @torch.library.triton_op("switchhead::expert_v_triton", mutates_args=())
 def expert_v_triton(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], expert_index: Tensor, gates: Tensor
 ) -> Tensor:
     """expert_v on Triton: x [N, d], weight [H, E, d, dh] -> [N, H*dh]."""
-    h, e, _, dh = weight.shape
+    h, _, _, dh = weight.shape
+    e = _check_experts(weight)
     table = routing.gate_table(expert_index, gates, e)
     bits = routing.expert_bits(expert_index)
     b = bias.contiguous() if bias is not None else None
-    out, _ = fan_out(x, weight, b, table, bits, routing.head_order(bits))
+    out, _ = fan_out(x, weight, b, table, bits, routing.head_order(bits, e))
     return out.view(x.shape[0], h * dh)
 
 
@@ -55,7 +63,8 @@ def expert_v_backward_triton(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (x, weight, bias or empty, gates) of expert_v on Triton."""
     n, d = x.shape
-    h, e, _, dh = weight.shape
+    h, _, _, dh = weight.shape
+    e = _check_experts(weight)
     x = x.contiguous()
     gy = grad_out.to(x.dtype).contiguous().view(n, h, dh)
     table = routing.gate_table(expert_index, gates, e)
@@ -75,7 +84,7 @@ def expert_v_backward_triton(
 @torch.library.triton_op("switchhead::expert_o_triton", mutates_args=())
 def expert_o_triton(attn: Tensor, weight: Tensor, expert_index: Tensor, gates: Tensor) -> Tensor:
     """expert_o on Triton: attn [N, H, dh], weight [H, E, dh, d_out] -> [N, d_out]."""
-    e = weight.shape[1]
+    e = _check_experts(weight)
     table = routing.gate_table(expert_index, gates, e)
     bits = routing.expert_bits(expert_index)
     out, _ = fan_in(attn, weight, table, bits, routing.signature_order(bits, e))
@@ -88,12 +97,12 @@ def expert_o_backward_triton(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (attn, weight, gates) of expert_o on Triton."""
     n, h, _ = attn.shape
-    e, d_out = weight.shape[1], weight.shape[3]
+    e, d_out = _check_experts(weight), weight.shape[3]
     attn = attn.contiguous()
     gy = grad_out.to(attn.dtype).contiguous()
     table = routing.gate_table(expert_index, gates, e)
     bits = routing.expert_bits(expert_index)
-    grad_attn, dense = fan_out(gy, weight.transpose(2, 3), None, table, bits, routing.head_order(bits), gate_input=attn)
+    grad_attn, dense = fan_out(gy, weight.transpose(2, 3), None, table, bits, routing.head_order(bits, e), gate_input=attn)
     tokens, sorted_gates, offsets = routing.expert_groups(expert_index, gates, e)
     grad_w, _ = expert_wgrad(
         attn, gy.unsqueeze(1).expand(n, h, d_out), tokens, sorted_gates, offsets, e, False, weight.dtype

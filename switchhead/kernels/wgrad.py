@@ -22,14 +22,17 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from switchhead.kernels.fan_out import TileConfig, dot_precision, pow2_block
+from switchhead.kernels.fan_out import TileConfig, dot_precision
 
 _TARGET_PROGRAMS = 264  # two waves of the H200's 132 SMs
 
 
 def wgrad_config(p_width: int, q_width: int) -> TileConfig:
     """Heuristic tiles for the H200 (bf16); block_k is the token chunk of the reduction."""
-    block_n = pow2_block(q_width, 128, max_waste=1.2)
+    if q_width <= 128:
+        block_n = max(16, triton.next_power_of_2(q_width))
+    else:
+        block_n = 64 if q_width < 256 else 128
     return TileConfig(block_m=128, block_n=block_n, block_k=64, num_warps=8, num_stages=3)
 
 
@@ -53,8 +56,8 @@ def _wgrad_kernel(
     pid_p = tl.program_id(1)
     pid_q = tl.program_id(2)
     h = group // E
-    start = tl.load(off_ptr + group)
-    end = tl.load(off_ptr + group + 1)
+    start = tl.load(off_ptr + group).to(tl.int32)
+    end = tl.load(off_ptr + group + 1).to(tl.int32)
     per = tl.cdiv(tl.cdiv(end - start, S), BLOCK_K) * BLOCK_K
     lo = start + split * per
     hi = tl.minimum(lo + per, end)

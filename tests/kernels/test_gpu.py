@@ -1,0 +1,133 @@
+"""The Triton path on a CUDA GPU at the paper's sizes, against an fp64 reference (marked gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import switchhead.kernels  # noqa: F401  (registers the ops)
+from switchhead.kernels import reference
+
+from ._cases import Shape, make_problem, rel_err
+
+pytestmark = pytest.mark.gpu
+
+# The paper's 262M C4, 262M Wikitext-103 and 47M shapes; N not a multiple of any block.
+SHAPES = [
+    Shape(4093, 1024, 4, 4, 2, 112, 1024),
+    Shape(3001, 1024, 2, 8, 4, 132, 1024),
+    Shape(5003, 412, 2, 5, 3, 76, 412),
+]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def strict_fp32(monkeypatch):
+    """tf32 off; every torch.empty poisoned (NaN / huge int) so unwritten outputs show."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(2**30)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def _v_o_grads(p, leaves_v, leaves_o):
+    v = torch.ops.switchhead.expert_v(p.x, p.w_v, p.b_v, p.expert_index, p.gates)
+    o = torch.ops.switchhead.expert_o(p.attn, p.w_o, p.expert_index, p.gates)
+    gv = torch.autograd.grad(v, leaves_v, p.grad_v)
+    go = torch.autograd.grad(o, leaves_o, p.grad_o)
+    return v, o, gv, go
+
+
+CASES = [(s, dt) for s in SHAPES for dt in (torch.float32, torch.bfloat16)] + [(SHAPES[0], torch.float16)]
+
+
+@pytest.mark.parametrize(("s", "dtype"), CASES, ids=str)
+def test_forward_and_every_gradient_vs_fp64(s: Shape, dtype: torch.dtype) -> None:
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("switchhead::expert_v", "CUDA")
+    p = make_problem(s, dtype, "cuda")
+    leaves_v = [p.x.requires_grad_(), p.w_v.requires_grad_(), p.b_v.requires_grad_(), p.gates.requires_grad_()]
+    leaves_o = [p.attn.requires_grad_(), p.w_o.requires_grad_(), p.gates]
+    v, o, gv, go = _v_o_grads(p, leaves_v, leaves_o)
+    d64 = lambda t: t.detach().double()  # noqa: E731
+    v_args = (d64(p.x), d64(p.w_v), d64(p.b_v), p.expert_index, d64(p.gates))
+    o_args = (d64(p.attn), d64(p.w_o), p.expert_index, d64(p.gates))
+    errors = {
+        "v": rel_err(v, reference.expert_v_reference(*v_args)),
+        "o": rel_err(o, reference.expert_o_reference(*o_args)),
+    }
+    ref_v = reference.expert_v_backward_reference(d64(p.grad_v), *v_args)
+    ref_o = reference.expert_o_backward_reference(d64(p.grad_o), *o_args)
+    errors |= {f"dv/{n}": rel_err(g, r) for n, g, r in zip(("x", "w", "b", "gates"), gv, ref_v)}
+    errors |= {f"do/{n}": rel_err(g, r) for n, g, r in zip(("attn", "w", "gates"), go, ref_o)}
+    print(f"{s} {dtype}: " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
+    assert v.dtype == dtype and o.dtype == dtype and gv[3].dtype == torch.float32
+    assert all(err < TOL[dtype] for err in errors.values()), errors
+
+
+def test_opcheck_cuda() -> None:
+    p = make_problem(Shape(301, 96, 2, 4, 2, 32, 80), torch.float32, "cuda")
+    # The triton ops have no autograd of their own (the stable ops carry it): opcheck them without grads.
+    torch.library.opcheck(torch.ops.switchhead.expert_v_triton.default, (p.x, p.w_v, p.b_v, p.expert_index, p.gates))
+    torch.library.opcheck(torch.ops.switchhead.expert_o_triton.default, (p.attn, p.w_o, p.expert_index, p.gates))
+    for t in (p.x, p.w_v, p.b_v, p.gates, p.attn, p.w_o):
+        t.requires_grad_(True)
+    for op, args in (
+        (torch.ops.switchhead.expert_v.default, (p.x, p.w_v, p.b_v, p.expert_index, p.gates)),
+        (torch.ops.switchhead.expert_v.default, (p.x, p.w_v, None, p.expert_index, p.gates)),
+        (torch.ops.switchhead.expert_o.default, (p.attn, p.w_o, p.expert_index, p.gates)),
+    ):
+        torch.library.opcheck(op, args)
+
+
+def _layer(x, w_v, b_v, w_o, expert_index, gates):
+    n, h, dh = x.shape[0], w_v.shape[0], w_v.shape[3]
+    v = torch.ops.switchhead.expert_v(x, w_v, b_v, expert_index, gates)
+    return torch.ops.switchhead.expert_o(torch.tanh(v).view(n, h, dh), w_o, expert_index, gates)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compile_cuda_sees_triton_kernels(dtype: torch.dtype) -> None:
+    from torch._inductor.utils import run_and_get_code
+
+    p = make_problem(Shape(1021, 256, 4, 4, 2, 64, 256), dtype, "cuda")
+    args = [p.x, p.w_v, p.b_v, p.w_o, p.expert_index, p.gates]
+    leaves = [p.x, p.w_v, p.b_v, p.w_o, p.gates]
+    for t in leaves:
+        t.requires_grad_(True)
+    assert torch._dynamo.explain(_layer)(*args).graph_break_count == 0
+    torch._dynamo.reset()
+    compiled = torch.compile(_layer, fullgraph=True)
+
+    def step():
+        out = compiled(*args)
+        return out, torch.autograd.grad(out, leaves, p.grad_o)
+
+    (out_c, grads_c), codes = run_and_get_code(step)
+    code = "\n".join(codes)
+    for kernel in ("_fan_out_kernel", "_fan_in_kernel", "_wgrad_kernel"):
+        assert kernel in code, f"{kernel} not in Inductor's code"
+    out_e = _layer(*args)
+    grads_e = torch.autograd.grad(out_e, leaves, p.grad_o)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(out_c, out_e) < tol
+    for got, want in zip(grads_c, grads_e):
+        assert rel_err(got, want) < tol
+
+
+def test_export_on_cuda_keeps_the_stable_ops() -> None:
+    p = make_problem(Shape(64, 32, 2, 4, 2, 16, 32), torch.float32, "cuda")
+
+    class Layer(torch.nn.Module):
+        def forward(self, x, w_v, b_v, w_o, expert_index, gates):
+            return _layer(x, w_v, b_v, w_o, expert_index, gates)
+
+    ep = torch.export.export(Layer(), (p.x, p.w_v, p.b_v, p.w_o, p.expert_index, p.gates))
+    targets = {str(n.target) for n in ep.graph.nodes}
+    assert "switchhead.expert_v.default" in targets and "switchhead.expert_o.default" in targets, targets
