@@ -38,6 +38,7 @@ from switchhead.exporters import onnx_ops
 
 DEFAULT_RTOL = 1e-4
 MIN_OPSET = 18
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to `<name>.data` (protobuf files stop at 2 GB)
 
 
 class OnnxExportError(SwitchHeadError):
@@ -96,7 +97,8 @@ def export_onnx(
         dynamic: export every input dim as Dim.AUTO (torch.export keeps batch/sequence dynamic where
             the model allows it); False bakes the example shapes in.
         opset_version: default ONNX opset (>= 18); None: the exporter's default.
-        external_data: weights in a separate `<name>.data` file; None: only above 2 GB.
+        external_data: weights in a separate `<name>.data` file; None: only above 1 GiB of weights
+            (a single protobuf file cannot pass 2 GB).
         verify_inputs: (args, kwargs) of the second shape; default: the example inputs with every
             dynamic dim grown by one (values repeated cyclically, so token ids and masks stay valid).
         verify_rtol: the largest accepted max |onnx - torch| / max |torch| per output.
@@ -118,8 +120,10 @@ def export_onnx(
     if inline:
         _inline_functions(model)
         functions = ()
+    if external_data is None:
+        external_data = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None) > EXTERNAL_DATA_BYTES
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx_program.save(path, external_data=external_data)
+    ir.save(model, path, external_data=f"{path.name}.data" if external_data else None)
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as exc:
@@ -127,7 +131,7 @@ def export_onnx(
     result = OnnxExport(
         path=path, inline=inline, custom_nodes=_custom_node_counts(model), functions=functions,
         inputs={v.name: [d if isinstance(d, int) else str(d) for d in v.shape] for v in model.graph.inputs},
-        external_data=Path(f"{path}.data").exists() or any(_is_external(t) for t in model.graph.initializers.values()),
+        external_data=external_data,
         static_reason=static_reason, verify_errors={},
     )
     if verify:
@@ -213,10 +217,6 @@ def _custom_node_counts(model: ir.Model) -> dict[str, int]:
         if node.domain == onnx_ops.DOMAIN:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
-
-
-def _is_external(value: ir.Value) -> bool:
-    return isinstance(value.const_value, ir.ExternalTensor)
 
 
 def _first_line(exc: BaseException) -> str:
