@@ -68,7 +68,7 @@ place only when complete.
 \b
 Exit codes: 0 ok, 1 model file or model failed, 2 bad options, 3 no attention
 to rewrite, 4 output refused or not writable, 5 verification failed,
-130 interrupted.
+70 internal error (please report), 130 interrupted.
 """
 
 STEP_LABELS = {
@@ -226,7 +226,7 @@ def _run(model_file: Path, entry: str | None, inputs_name: str | None, config, o
     try:
         converted = _convert(loaded, config, steps)
     except switchhead.NoAttentionError as exc:
-        raise _explain_no_attention(loaded, config, steps, out, exc) from exc
+        raise _explain_no_attention(loaded, config, steps, out) from exc
     report = switchhead.report_of(converted)
     steps.done()
     if out is not None:
@@ -270,7 +270,7 @@ def _dry_run(loaded, config, steps: Steps, out: Console | None) -> dict[str, Any
             "parameters_before": sum(p.numel() for p in loaded.model.parameters())}
 
 
-def _explain_no_attention(loaded, config, steps: Steps, out: Console | None, exc: Exception) -> CliError:
+def _explain_no_attention(loaded, config, steps: Steps, out: Console | None) -> CliError:
     """With a filter, tell 'the filter matches nothing' apart from 'there is no attention' (this
     captures the model once more, on the error path only)."""
     steps.done(ok=False)

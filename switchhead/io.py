@@ -83,7 +83,7 @@ def save(
     """
     kwargs = dict(kwargs or {})
     if report is None:
-        report = converted.meta.get(REPORT_KEY) if hasattr(converted, "meta") else None
+        report = getattr(converted, "meta", {}).get(REPORT_KEY)
     target = Path(directory).expanduser().resolve()
     state = output_state(target)
     if state == "file":
@@ -91,8 +91,9 @@ def save(
     if state == "foreign" and not overwrite:
         raise SaveError(f"output directory {target} exists and was not written by {FORMAT}; "
                         "choose another directory or pass --force / overwrite=True")
-    dynamic = report.dynamic_shapes if report is not None else True
-    program, dynamic = export_program(converted, args, kwargs, dynamic=dynamic)
+    program, static_reason = export_program(converted, args, kwargs,
+                                            dynamic=report.dynamic_shapes if report is not None else True)
+    device = next((str(t.device) for t in _program_tensors(program).values()), "cpu")
     with _staging_directory(target) as stage:
         _write_weights(program, stage / WEIGHTS_FILE)
         _write_program(program, stage / PROGRAM_FILE)
@@ -100,7 +101,9 @@ def save(
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "files": {"program": PROGRAM_FILE, "weights": WEIGHTS_FILE},
-            "program_dynamic_shapes": dynamic,
+            "program_dynamic_shapes": static_reason is None,
+            "program_static_reason": static_reason,
+            "device": device,
             "example_inputs": describe_inputs(args, kwargs),
         }
         body = {**(report.to_dict() if report is not None else {}), **(extra or {}), **manifest}
@@ -113,16 +116,19 @@ def save(
 
 def export_program(
     converted: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, dynamic: bool = True
-) -> tuple[torch.export.ExportedProgram, bool]:
-    """Re-export a converted module (its switchhead ops have fake kernels); Dim.AUTO on every input
-    dimension when `dynamic`, static shapes when that fails. Returns (program, dynamic)."""
-    if dynamic:
-        try:
-            shapes = _auto_dynamic_shapes(converted, args, kwargs)
-            return torch.export.export(converted, args, kwargs, dynamic_shapes=shapes, strict=False), True
-        except Exception:  # noqa: BLE001  (the static export below raises for real problems)
-            pass
-    return torch.export.export(converted, args, kwargs, strict=False), False
+) -> tuple[torch.export.ExportedProgram, str | None]:
+    """Re-export a converted module (its switchhead ops have fake kernels) with Dim.AUTO on every
+    input dimension when `dynamic`, else (or when that fails) with static shapes.
+
+    Returns the program and, when it is static, why (None when it is dynamic)."""
+    if not dynamic:
+        return torch.export.export(converted, args, kwargs, strict=False), "the conversion was static"
+    try:
+        shapes = _auto_dynamic_shapes(converted, args, kwargs)
+        return torch.export.export(converted, args, kwargs, dynamic_shapes=shapes, strict=False), None
+    except Exception as exc:  # noqa: BLE001  (a real problem makes the static export below raise too)
+        reason = f"dynamic re-export failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+    return torch.export.export(converted, args, kwargs, strict=False), reason
 
 
 def describe_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -284,7 +290,8 @@ def _write_program(program: torch.export.ExportedProgram, path: Path) -> None:
 def load(directory: str | os.PathLike[str], *, device: str | torch.device | None = None) -> torch.fx.GraphModule:
     """The module saved in `directory` by `save` (or the command line), ready to run and train.
 
-    Its tensors come from model.safetensors (onto `device`, default CPU); the program archive is
+    Its tensors come from model.safetensors, onto `device` (default: the device it was saved
+    from; the program may have that device baked into some of its ops); the program archive is
     read only after checking that it holds no pickled data. `switchhead.report_of(module)` gives
     the saved report.
     """
@@ -293,11 +300,13 @@ def load(directory: str | os.PathLike[str], *, device: str | torch.device | None
     program_path = root / manifest["files"]["program"]
     check_archive_is_data_only(program_path)
     try:
-        program = torch.export.load(str(program_path))
+        with warnings.catch_warnings():  # torch 2.11 warns that the (read-only) placeholders are not writable
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            program = torch.export.load(str(program_path))
     except Exception as exc:
         raise LoadError(f"{program_path} cannot be read by torch {torch.__version__}: {type(exc).__name__}: {exc}") from exc
     module = program.module()
-    tensors = _read_weights(root / manifest["files"]["weights"], device or "cpu")
+    tensors = _read_weights(root / manifest["files"]["weights"], device or manifest.get("device", "cpu"))
     _install_tensors(module, tensors, program_path)
     fields = {name: manifest[name] for name in ConversionReport.__dataclass_fields__ if name in manifest}
     if len(fields) == len(ConversionReport.__dataclass_fields__):
