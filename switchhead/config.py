@@ -7,7 +7,9 @@ import math
 import re
 from typing import Any, Literal
 
-INIT_METHODS = ("upcycle", "random")
+INIT_METHODS = ("upcycle", "random", "fold")
+FOLD_QK = ("mean", "first")
+DEFAULT_NUM_EXPERTS = 4
 CONFIG_VERSION = 1
 
 
@@ -16,11 +18,19 @@ class SwitchHeadConfig:
     """How attention is rewritten into SwitchHead attention.
 
     Args:
-        num_experts: E, V/O experts per head.
+        num_experts: E, V/O experts per head. None: the fold group size with init="fold", else 4.
         top_k: k, experts active per head and token (1 <= k <= E).
         init: "upcycle" copies each dense head into all of its experts and sets the routers so the
             converted model computes the original function (to float rounding); "random" uses the
-            paper's initialisation for training from scratch.
+            paper's initialisation for training from scratch; "fold" turns groups of dense heads
+            into the experts of fewer heads (lossy: heal the model afterwards).
+        num_heads: heads of every rewritten attention (None: as many as the dense model). Fewer
+            heads is where SwitchHead saves compute; needs init="fold" or "random". With GQA it must
+            be a multiple of the KV heads (query heads are grouped inside their KV group).
+        fold_qk: how a group's Q and K heads become one: "mean" of the group (as GQA uptraining
+            pools K/V heads) or the "first" head of the group.
+        fold_noise: relative std of the noise that tells apart experts copied from the same head
+            when num_experts exceeds the fold group size.
         module_filter: optional regex; only attention whose module path matches (re.search) is
             rewritten. `convert(filter_fn=...)` takes a callable as well.
         init_scale: scale of the random init (paper: 1/sqrt(n_layers)); None -> 1/sqrt(#sites).
@@ -33,9 +43,12 @@ class SwitchHeadConfig:
         version: version of this config format.
     """
 
-    num_experts: int = 4
+    num_experts: int | None = None
     top_k: int = 2
-    init: Literal["upcycle", "random"] = "upcycle"
+    init: Literal["upcycle", "random", "fold"] = "upcycle"
+    num_heads: int | None = None
+    fold_qk: Literal["mean", "first"] = "mean"
+    fold_noise: float = 1e-2
     module_filter: str | None = None
     init_scale: float | None = None
     upcycle_router_scale: float = 1e-6
@@ -45,12 +58,23 @@ class SwitchHeadConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+        if self.num_experts is not None and (not isinstance(self.num_experts, int) or self.num_experts < 1):
             raise ValueError(f"num_experts must be a positive integer, got {self.num_experts!r}")
-        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
+        if self.num_experts is not None and self.top_k > self.num_experts:
             raise ValueError(f"top_k must be an integer in [1, num_experts={self.num_experts}], got {self.top_k!r}")
         if self.init not in INIT_METHODS:
             raise ValueError(f"init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}")
+        if self.num_heads is not None:
+            if not isinstance(self.num_heads, int) or self.num_heads < 1:
+                raise ValueError(f"num_heads must be a positive integer, got {self.num_heads!r}")
+            if self.init == "upcycle":
+                raise ValueError("num_heads changes the model's function: use init='fold' (pretrained) or 'random'")
+        if self.fold_qk not in FOLD_QK:
+            raise ValueError(f"fold_qk must be one of {', '.join(FOLD_QK)}, got {self.fold_qk!r}")
+        if not (math.isfinite(self.fold_noise) and 0 <= self.fold_noise < 1):
+            raise ValueError(f"fold_noise must be in [0, 1), got {self.fold_noise!r}")
         if self.module_filter is not None:
             try:
                 re.compile(self.module_filter)
@@ -67,7 +91,9 @@ class SwitchHeadConfig:
 
     def resolved_num_experts(self, group_size: int) -> int:
         """E for a site whose new heads each fold `group_size` dense heads."""
-        return self.num_experts
+        if self.num_experts is not None:
+            return self.num_experts
+        return group_size if self.init == "fold" else DEFAULT_NUM_EXPERTS
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

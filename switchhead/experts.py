@@ -53,9 +53,9 @@ def upcycle(
     return ExpertWeights(
         v_experts=_replicate(value_weight, num_experts) * scale,
         v_experts_bias=None if value_bias is None else _replicate(value_bias, num_experts) * scale,
-        v_router=_tiny_router(groups * num_experts, d, value_input_rms, router_scale, generator, value_weight.device),
+        v_router=tiny_router(groups * num_experts, d, value_input_rms, router_scale, generator, value_weight.device),
         o_experts=_replicate(output_weight, num_experts) * scale,
-        o_router=_tiny_router(heads * num_experts, query_width, query_input_rms, router_scale, generator,
+        o_router=tiny_router(heads * num_experts, query_width, query_input_rms, router_scale, generator,
                               value_weight.device),
     )
 
@@ -65,7 +65,7 @@ def _replicate(per_head: Tensor, num_experts: int) -> Tensor:
     return per_head.unsqueeze(1).expand(per_head.shape[0], num_experts, *per_head.shape[1:]).clone()
 
 
-def _tiny_router(rows: int, width: int, input_rms: float, logit_std: float, generator: torch.Generator,
+def tiny_router(rows: int, width: int, input_rms: float, logit_std: float, generator: torch.Generator,
                  device: torch.device) -> Tensor:
     std = logit_std / (max(input_rms, 1e-12) * math.sqrt(width))
     return (torch.randn(rows, width, generator=generator, dtype=torch.float32) * std).to(device)

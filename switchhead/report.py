@@ -25,11 +25,18 @@ class ConversionReport:
     parameters_before: int
     parameters_after: int
     versions: dict[str, str]
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def build(cls, sites: list[AttentionSite], skipped: list[SkippedSite], **fields: Any) -> "ConversionReport":
-        return cls(sites=[s.to_dict() for s in sites], skipped=[s.to_dict() for s in skipped],
-                   versions=versions(), **fields)
+    def build(cls, sites: list[AttentionSite], skipped: list[SkippedSite], plans: list, **fields: Any) -> "ConversionReport":
+        """`plans`: the SitePlan applied to each site (its new head counts and experts)."""
+        described = []
+        for site, plan in zip(sites, plans):
+            entry = site.to_dict()
+            entry.update(new_num_heads=plan.num_heads, new_num_kv_heads=plan.num_kv_heads,
+                         num_experts=int(plan.weights.v_experts.shape[1]))
+            described.append(entry)
+        return cls(sites=described, skipped=[s.to_dict() for s in skipped], versions=versions(), **fields)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -84,7 +84,7 @@ def replay(
 def _like(example: Any, ids: torch.Tensor) -> torch.Tensor:
     """`ids` laid out with the example value's strides: views in the graph may rely on them
     (export drops a `.contiguous()` that was a no-op on the real tensor)."""
-    if not isinstance(example, torch.Tensor) or example.shape != ids.shape:
+    if not isinstance(example, torch.Tensor) or example.shape != ids.shape or torch._debug_has_internal_overlap(example):
         return ids
     strided = torch.empty_strided(example.shape, example.stride(), dtype=ids.dtype)
     strided.copy_(ids)
@@ -105,7 +105,11 @@ def _replay_node(node: torch.fx.Node, prov: dict, values: dict, mode: str) -> An
         return args[0]
     if target in LAYOUT_OPS:
         if target in (aten.cat.default, aten.stack.default) and not all(a in prov for a in node.args[0]):
-            raise ProvenanceError(f"{describe(node)} joins the path with other tensors")
+            if mode != "lenient":
+                raise ProvenanceError(f"{describe(node)} joins the path with other tensors")
+            # Elements from off the path get id -1: they come from nothing being tracked.
+            parts = [prov[a] if a in prov else torch.full(values[a].shape, -1, dtype=torch.long) for a in node.args[0]]
+            return target(parts, *args[1:], **kwargs)
         return target(*args, **kwargs)
     if mode == "lenient":
         shape = values[node].shape

@@ -60,8 +60,8 @@ def rewrite_experts(
     sites: list[AttentionSite],
     config: SwitchHeadConfig,
     plans: dict[int, SitePlan] | None = None,
-) -> int:
-    """Rewrite every site in place; returns the number of projections rewritten (2 per site).
+) -> list[SitePlan]:
+    """Rewrite every site in place (2 projections each); returns the plan applied to each site.
 
     `plans` maps a site's index to a precomputed plan (head folding makes its own); the others get
     the upcycle or random plan of `config`.
@@ -69,13 +69,15 @@ def rewrite_experts(
     generator = torch.Generator().manual_seed(config.seed if config.seed is not None else torch.seed())
     init_scale = config.init_scale if config.init_scale is not None else 1.0 / math.sqrt(max(len(sites), 1))
     replaced_attrs: set[str] = set()
+    applied = []
     for index, site in enumerate(sites):
         plan = (plans or {}).get(index) or dense_plan(values, site, config, generator, init_scale)
         _rewrite_site(gm, values, site, plan, config, replaced_attrs)
+        applied.append(plan)
     gm.graph.lint()
     drop_unused_attributes(gm, replaced_attrs)
     gm.recompile()
-    return 2 * len(sites)
+    return applied
 
 
 def linear_weight(values: dict, node: torch.fx.Node) -> tuple[torch.Tensor, torch.Tensor | None]:

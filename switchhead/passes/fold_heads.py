@@ -1,0 +1,517 @@
+"""Pass: give each attention fewer heads (H -> H2), folding groups of dense heads into experts.
+
+Contract
+    Input: the GraphModule, example values and AttentionSites that detection produced, a config
+    with `num_heads` (and init "fold" or "random").
+    Output: the graph computes attention with H2 heads; per site a SitePlan for the expert rewrite,
+    whose V/O experts are the folded heads. Everything between the Q/K/V projections and the O
+    projection that carries a head dimension is resized: views, reshapes, expands (GQA repeats),
+    splits and slices of fused projections, the SDPA / matmul operands, and masks or positional terms
+    that broadcast over heads. Batch and sequence sizes stay symbolic.
+
+Method
+    Query heads are grouped, G = H / H2 per group, inside their KV group (GQA keeps its KV heads).
+    Each group keeps its first head's place in the graph. Which elements of every tensor survive is
+    learned by replaying element ids from that tensor to the attention core (`lenient` provenance)
+    and keeping those that land on a kept head; a NaN rerun checks that dropped heads never leak
+    into kept ones. A tensor's new shape is its surviving sub-block, which must be rectangular; the
+    ops' size arguments are rewritten from the old and new shapes.
+
+Folding rules (documented for users)
+    Q (and K, without GQA): each new head gets the mean (fold_qk="mean") or the first
+    (fold_qk="first") of its group's heads, column by column. V/O: expert e of a new head is the
+    group's head e; with E > G, expert e copies head e mod G times (1 + fold_noise * N(0, 1)).
+    V experts are scaled by 2/k and O experts by 2G/k, so with routers at sigmoid(0) = 1/2 the k
+    active V experts average and the O experts add up like the dense group's heads did. Routers
+    start tiny and random as with upcycling. With GQA the V experts are copies of their KV head.
+    H2 = H and E = 1 reproduces the dense model exactly; any real fold is lossy and needs healing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+
+from switchhead import experts as expert_init
+from switchhead.config import SwitchHeadConfig
+from switchhead.errors import SwitchHeadError
+from switchhead.graph.ops import CAST_OPS, NOOP_OPS, is_pointwise, linear_parts
+from switchhead.graph.provenance import ProvenanceError, ancestors, replay, rerun, region_between
+from switchhead.passes.rewrite_experts import SitePlan, linear_weight, register, rms
+from switchhead.site import AttentionSite
+
+aten = torch.ops.aten
+
+
+class FoldError(Exception):
+    """The heads of this site cannot be folded; the message says why."""
+
+
+# Ops whose arguments never mention sizes: a new input shape is all they need.
+_SIZE_FREE = CAST_OPS | NOOP_OPS | {
+    aten.transpose.int, aten.permute.default, aten.t.default, aten.contiguous.default, aten.clone.default,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.alias.default,
+    aten.movedim.int, aten.swapaxes.default, aten.flatten.using_ints, aten.cat.default, aten.stack.default,
+    aten.unbind.int, operator.getitem, aten.matmul.default, aten.bmm.default, aten.baddbmm.default,
+    aten.einsum.default, aten.softmax.int, aten._softmax.default, aten._safe_softmax.default,
+    aten.scaled_dot_product_attention.default, aten.dropout.default, aten.mean.dim, aten.sum.dim_IntList,
+    aten.amax.default,
+}
+
+
+@dataclasses.dataclass
+class FoldPlan:
+    site: AttentionSite
+    members: torch.Tensor  # [H2, G] dense query heads of each new head; column 0 keeps its place
+    masks: dict[torch.fx.Node, torch.Tensor]  # surviving elements of every tensor in the region
+    region: list[torch.fx.Node]  # nodes between the projections and the O projection, in order
+    head_columns: dict[torch.fx.Node, torch.Tensor]  # Q (and K without GQA) projection: [H, dh] columns
+
+
+def fold_sites(gm: torch.fx.GraphModule, values: dict, sites: list[AttentionSite],
+               config: SwitchHeadConfig) -> dict[int, SitePlan]:
+    """Fold every site to `config.num_heads` heads (init "fold", or "random" with num_heads);
+    returns the expert plan of each folded site by index. Raises SwitchHeadError naming the site
+    that cannot be folded, before the graph is changed."""
+    if config.init != "fold" and config.num_heads is None:
+        return {}
+    generator = torch.Generator().manual_seed((config.seed if config.seed is not None else torch.seed()) + 1)
+    init_scale = config.init_scale if config.init_scale is not None else 1.0 / math.sqrt(max(len(sites), 1))
+    folds = []
+    for site in sites:
+        try:
+            folds.append(plan_fold(values, site, config.num_heads or site.num_heads))
+        except FoldError as exc:
+            raise SwitchHeadError(f"cannot fold the heads of {site.path or '<root>'}: {exc}") from None
+    plans = {}
+    for index, fold in enumerate(folds):
+        try:
+            plans[index] = apply_fold(gm, values, fold, config, generator, init_scale)
+        except FoldError as exc:
+            raise SwitchHeadError(f"cannot fold the heads of {fold.site.path or '<root>'}: {exc}") from None
+    return plans
+
+
+def group_heads(site: AttentionSite, num_heads: int) -> torch.Tensor:
+    """[H2, G] query heads per new head: consecutive heads of one KV group."""
+    heads, kv_heads = site.num_heads, site.num_kv_heads
+    if num_heads > heads or heads % num_heads:
+        raise FoldError(f"{heads} heads cannot be folded into {num_heads} (need a divisor of {heads})")
+    gqa = kv_heads < heads
+    if gqa and num_heads % kv_heads:
+        raise FoldError(f"with {kv_heads} KV heads the new head count must be a multiple of {kv_heads}")
+    size = heads // num_heads
+    groups = []
+    for kv in range(kv_heads if gqa else 1):
+        members = (site.kv_head_of_query == kv).nonzero().flatten() if gqa else torch.arange(heads)
+        groups.extend(members.view(-1, size))
+    members = torch.stack(groups)
+    return members[members[:, 0].argsort()]
+
+
+def _head_index(shape: torch.Size, heads: int) -> torch.Tensor:
+    """Head of every element of a core-layout tensor: [*b, H, T, x] (dim -3) or [b*H, T, x]."""
+    if len(shape) >= 4:
+        index = torch.arange(shape[-3]).view(-1, 1, 1)
+    else:
+        index = (torch.arange(shape[0]) % heads).view(-1, 1, 1)
+    return index.expand(shape)
+
+
+def _ids(value: torch.Tensor) -> torch.Tensor:
+    return torch.arange(value.numel()).view(value.shape)
+
+
+def plan_fold(values: dict, site: AttentionSite, num_heads: int) -> FoldPlan:
+    """Which elements of every tensor between the projections and the O projection survive."""
+    members = group_heads(site, num_heads)
+    kept = members[:, 0]
+    query, key, value = site.core_operands
+    projections = {site.query_node, site.key_node, site.value_node}
+    core_out, o_input = site.core_node, linear_parts(site.output_node)[0]
+    region = region_between(projections, o_input)
+    region = [n for n in region if n not in projections]
+
+    # Anchors: the core operands, where an element survives iff its head does.
+    kept_kv = site.kv_head_of_query[kept].unique()
+    anchors: dict[torch.fx.Node, torch.Tensor] = {}
+    for operand in (query, key, value):
+        shape = values[operand].shape
+        heads = shape[-3] if len(shape) >= 4 else site.num_heads
+        keep = kept if heads == site.num_heads else kept_kv
+        anchors[operand] = torch.isin(_head_index(shape, site.num_heads), keep)
+
+    masks: dict[torch.fx.Node, torch.Tensor] = dict(anchors)
+    upstream = set()
+    for operand in anchors:
+        upstream |= ancestors(operand)
+    downstream_of_core = set(region_between([core_out], o_input)) | {core_out}
+    for node in [*projections, *region]:
+        if node in masks or not isinstance(values.get(node), torch.Tensor):
+            continue
+        if node in upstream:
+            masks[node] = _mask_from_anchors(node, anchors, values)
+        elif node not in downstream_of_core or node is core_out:
+            # Inside the core (scores, softmax, dropout, AV product): core layout.
+            masks[node] = torch.isin(_head_index(values[node].shape, site.num_heads), kept)
+    out_prov = _replay(region_between([core_out], o_input), {core_out: masks[core_out].long()}, values, "exact")
+    for node, ids in out_prov.items():
+        if isinstance(ids, torch.Tensor) and node not in masks:
+            masks[node] = ids.bool()
+    region += _side_branches(region, masks, values, o_input)
+    _check_no_leak(values, site, projections, anchors, masks)
+    roles = [(site.query_node, query)] + ([(site.key_node, key)] if site.num_kv_heads == site.num_heads else [])
+    head_columns = {proj: _head_columns(values, proj, anchor, site.num_heads) for proj, anchor in roles}
+    return FoldPlan(site, members, masks, region, head_columns)
+
+
+def _side_branches(region, masks, values, o_input) -> list[torch.fx.Node]:
+    """Consumers of the region's head-carrying tensors that do not lead to the O projection, e.g.
+    nn.MultiheadAttention's returned attention weights (view, then mean over heads). They are
+    resized as far as data movement carries the heads; the first op that is not data movement
+    (the mean) must absorb the head dim, which the post-fold run checks."""
+    inside = set(region) | {o_input}
+    side: list[torch.fx.Node] = []
+    frontier = [n for n in region if n in masks]
+    seen = set()
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user in inside or user in seen or user.op != "call_function":
+                continue
+            seen.add(user)
+            prov = {a: masks[a].long() for a in user.all_input_nodes if a in masks}
+            try:
+                out = replay([user], prov, values, "exact").get(user)
+            except ProvenanceError:
+                continue
+            if isinstance(out, torch.Tensor):
+                masks[user] = out.bool()
+                side.append(user)
+                frontier.append(user)
+    order = {n: i for i, n in enumerate(o_input.graph.nodes)}
+    return sorted(side, key=order.__getitem__)
+
+
+def _replay(region, seeds, values, mode):
+    try:
+        return replay(region, seeds, values, mode)
+    except ProvenanceError as exc:
+        raise FoldError(f"cannot follow the heads: {exc}") from None
+
+
+def _mask_from_anchors(node, anchors, values) -> torch.Tensor:
+    ids = _ids(values[node])
+    keep = torch.zeros(values[node].numel(), dtype=torch.bool)
+    for anchor, anchor_mask in anchors.items():
+        if anchor is node:
+            return anchor_mask
+        path = region_between([node], anchor)
+        if not path:
+            continue
+        landed = _replay(path, {node: ids}, values, "lenient").get(anchor)
+        if isinstance(landed, torch.Tensor):
+            hits = landed[anchor_mask].flatten()
+            keep[hits[hits >= 0]] = True  # -1: positions fed from off the path
+    return keep.view(values[node].shape)
+
+
+def _check_no_leak(values, site, projections, anchors, masks) -> None:
+    """NaN in every dropped element of each projection must not reach a kept core element."""
+    for proj in projections:
+        seed = values[proj].detach().clone()
+        seed[~masks[proj]] = float("nan")
+        targets = [a for a in anchors if proj in ancestors(a)]
+        ran = rerun(region_between([proj], targets[0]) if len(targets) == 1 else
+                    sorted(set().union(*(region_between([proj], t) for t in targets)),
+                           key=lambda n: list(proj.graph.nodes).index(n)), {proj: seed}, values)
+        for anchor in targets:
+            if torch.isnan(ran[anchor][anchors[anchor]]).any():
+                raise FoldError("heads mix before attention (a kept head reads a folded one)")
+
+
+# ------------------------------------------------------------------------------ new shapes
+
+
+def _kept_per_dim(mask: torch.Tensor) -> list[torch.Tensor]:
+    """For each dim, which indices keep any element; the mask must be their outer product."""
+    per_dim = [mask.movedim(d, 0).reshape(mask.shape[d], -1).any(1) for d in range(mask.dim())]
+    block = per_dim[0].view(-1, *[1] * (mask.dim() - 1)) if mask.dim() else mask
+    for d in range(1, mask.dim()):
+        block = block & per_dim[d].view(*[1] * d, -1, *[1] * (mask.dim() - d - 1))
+    if mask.dim() and not torch.equal(block, mask):
+        raise FoldError("the surviving heads do not form a block of a tensor")
+    return per_dim
+
+
+def apply_fold(gm: torch.fx.GraphModule, values: dict, plan: FoldPlan, config: SwitchHeadConfig,
+               generator: torch.Generator, init_scale: float) -> SitePlan:
+    """Resize the site's graph to the kept heads and build the expert plan of the folded heads."""
+    site, masks = plan.site, plan.masks
+    keeps = {n: _kept_per_dim(m) for n, m in masks.items()}
+    edits = [_edit_for(n, values, keeps) for n in plan.region]  # validate everything before mutating
+    graph = gm.graph
+    for node, edit in zip(plan.region, edits):
+        if edit is not None:
+            edit(graph, node)
+    _fold_external_operands(gm, plan, values, keeps, config)
+    projection_weights = _fold_projections(gm, values, plan, config)
+    return _expert_plan(values, plan, projection_weights, config, generator, init_scale)
+
+
+def _new_shape(node, values, keeps) -> list[int]:
+    return [int(k.sum()) for k in keeps[node]]
+
+
+def _scaled(graph: torch.fx.Graph, arg: Any, old: int, new: int) -> Any:
+    """A size argument scaled from old to new (ints directly, symbolic sizes by inserted ops)."""
+    if old == new or (isinstance(arg, int) and arg == -1):
+        return arg
+    if isinstance(arg, int):
+        return new
+    gcd = math.gcd(old, new)
+    return graph.call_function(operator.floordiv, (graph.call_function(operator.mul, (arg, new // gcd)), old // gcd))
+
+
+def _edit_for(node: torch.fx.Node, values: dict, keeps: dict):
+    """A function that rewrites `node`'s size arguments, None if it needs none; FoldError if the
+    op's sizes cannot be rewritten."""
+    target = node.target
+    value = values.get(node)
+    if node.op != "call_function":
+        return None
+    source = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    changed = isinstance(value, torch.Tensor) and node in keeps and _new_shape(node, values, keeps) != list(value.shape)
+    if target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default):
+        if not changed:
+            return None
+        old, new = list(value.shape), _new_shape(node, values, keeps)
+
+        def edit(graph, node, old=old, new=new):
+            with graph.inserting_before(node):
+                sizes = [_scaled(graph, a, o, n) for a, o, n in zip(node.args[1], old, new)]
+            node.args = (node.args[0], sizes, *node.args[2:])
+        return edit
+    if target in (aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default):
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        keep = keeps[source][dim % values[source].dim()]
+        pieces = [values[source].shape[dim] and v.shape[dim] for v in value]
+        bounds = torch.tensor([0, *pieces]).cumsum(0)
+        new_sizes = [int(keep[bounds[i]:bounds[i + 1]].sum()) for i in range(len(pieces))]
+        if new_sizes == pieces:
+            return None
+
+        def edit(graph, node, new_sizes=new_sizes, dim=dim):
+            node.target = aten.split_with_sizes.default
+            node.args, node.kwargs = (node.args[0], new_sizes, dim), {}
+        return edit
+    if target in (aten.slice.Tensor, aten.narrow.default, aten.select.int):
+        dim = node.args[1] if len(node.args) > 1 else 0
+        keep = keeps[source][dim % values[source].dim()]
+        if bool(keep.all()):
+            return None
+        size = keep.numel()
+        if target is aten.select.int:
+            index = node.args[2] % size
+            if not keep[index]:
+                raise FoldError("a selected head is folded away")
+            new_args = (node.args[0], dim, int(keep[:index].sum()))
+        elif target is aten.narrow.default:
+            start = node.args[2] % size
+            new_args = (node.args[0], dim, int(keep[:start].sum()), int(keep[start:start + node.args[3]].sum()))
+        else:
+            start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+            end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
+            if (len(node.args) > 4 and node.args[4] != 1) or not isinstance(start, int) or not isinstance(end, int):
+                raise FoldError("a strided or symbolic slice crosses the heads")
+            start, end = max(0, min(start % size if start < 0 else start, size)), max(0, min(end, size))
+            new_args = (node.args[0], dim, int(keep[:start].sum()), int(keep[:end].sum()))
+
+        def edit(graph, node, new_args=new_args):
+            node.args = new_args
+        return edit
+    if target is aten.unflatten.int:
+        if not changed:
+            return None
+        dim = node.args[1] % values[source].dim()
+        new_sizes = _new_shape(node, values, keeps)[dim:dim + len(node.args[2])]
+
+        def edit(graph, node, new_sizes=new_sizes):
+            node.args = (node.args[0], node.args[1], new_sizes)
+        return edit
+    if target is aten.repeat_interleave.self_int:
+        if not changed:
+            return None
+        dim = node.args[2] % value.dim()
+        repeats = _new_shape(node, values, keeps)[dim] // _new_shape(source, values, keeps)[dim]
+
+        def edit(graph, node, repeats=repeats):
+            node.args = (node.args[0], repeats, *node.args[2:])
+        return edit
+    if target in _SIZE_FREE or is_pointwise(target):
+        return None
+    if changed:
+        raise FoldError(f"cannot change the number of heads through {getattr(target, '__name__', target)}")
+    return None
+
+
+def _fold_external_operands(gm, plan: FoldPlan, values, keeps, config) -> None:
+    """Per-head tensors from outside (T5's relative position bias, per-head masks) keep the kept
+    heads' slices (fold_qk='first') or the mean over each group ('mean')."""
+    graph = gm.graph
+    region = set(plan.region)
+    members = plan.members
+    for node in plan.region:
+        if node not in keeps or not (is_pointwise(node.target) or node.target is aten.scaled_dot_product_attention.default):
+            continue
+        out_shape = values[node].shape
+        externals = [a for a in node.all_input_nodes if a not in region and isinstance(values.get(a), torch.Tensor)
+                     and a not in (plan.site.core_operands or ())]
+        if node.target is aten.scaled_dot_product_attention.default:
+            externals = [a for a in externals if a is node.args[3] or a is node.kwargs.get("attn_mask")]
+            out_shape = values[node.args[0]].shape[:-1] + (values[node.args[1]].shape[-2],)
+        for ext in externals:
+            ext_shape = values[ext].shape
+            for dim, keep in enumerate(keeps[node] if node.target is not aten.scaled_dot_product_attention.default
+                                       else keeps[node][:-1] + [torch.ones(out_shape[-1], dtype=torch.bool)]):
+                ext_dim = dim - (len(out_shape) - len(ext_shape))
+                if ext_dim < 0 or bool(keep.all()) or ext_shape[ext_dim] == 1:
+                    continue
+                if ext_shape[ext_dim] != keep.numel():
+                    raise FoldError("a per-head operand does not line up with the heads")
+                with graph.inserting_before(node):
+                    folded = _fold_along(graph, gm, plan, ext, ext_dim, keep, config.fold_qk)
+                node.replace_input_with(ext, folded)
+                ext = folded
+
+
+def _fold_along(graph, gm, plan: FoldPlan, ext, dim, keep, fold_qk):
+    owner = _module(gm, plan.site.path)
+    kept_positions = keep.nonzero().flatten()
+    if fold_qk == "first" or plan.members.shape[1] == 1 or kept_positions.numel() != plan.members.shape[0]:
+        name = register(owner, plan.site.path, "head_index", kept_positions, buffer=True)
+        return graph.call_function(aten.index_select.default, (ext, dim, graph.get_attr(name)))
+    picks = []
+    for column in range(plan.members.shape[1]):
+        name = register(owner, plan.site.path, "head_index", plan.members[:, column].clone(), buffer=True)
+        picks.append(graph.call_function(aten.index_select.default, (ext, dim, graph.get_attr(name))))
+    return graph.call_function(aten.mean.dim, (graph.call_function(aten.stack.default, (picks,)), [0]))
+
+
+def _module(gm, path):
+    return gm.get_submodule(path) if path else gm
+
+
+def _head_columns(values, proj, anchor, heads) -> torch.Tensor:
+    """[H, dh] projection column that mainly feeds each (head, dim) position of a core operand."""
+    ids = _ids(values[proj])
+    landed = _replay(region_between([proj], anchor), {proj: ids}, values, "lenient")[anchor]
+    width = values[proj].shape[-1]
+    if landed.dim() >= 4:
+        per_head = landed.reshape(-1, *landed.shape[-3:])[0, :, 0, :]
+    else:
+        per_head = landed[:heads, 0, :]
+    return per_head % width
+
+
+def _fold_projections(gm, values, plan: FoldPlan, config) -> dict[torch.fx.Node, tuple]:
+    """New (weight [F2, d], bias) of each projection, keeping surviving columns: Q (and K without
+    GQA) rows folded over each group. The V projection's is returned for the expert rewrite."""
+    site = plan.site
+    folded: dict[torch.fx.Node, list] = {}
+    for proj in {site.query_node, site.key_node, site.value_node}:
+        weight, bias = linear_weight(values, proj)
+        folded[proj] = [weight.clone(), None if bias is None else bias.clone()]
+    if config.init != "random":
+        for proj, columns in plan.head_columns.items():  # columns [H, dh]
+            weight, bias = folded[proj]
+            source_w, source_b = linear_weight(values, proj)
+            for group in plan.members:
+                target = columns[group[0]]
+                pick = columns[group] if config.fold_qk == "mean" else columns[group[:1]]  # [g, dh]
+                weight[target] = source_w[pick].mean(0)
+                if bias is not None:
+                    bias[target] = source_b[pick].mean(0)
+    results = {}
+    for proj, (weight, bias) in folded.items():
+        keep = plan.masks[proj].reshape(-1, weight.shape[0]).any(0)
+        results[proj] = (weight, bias, keep.nonzero().flatten())
+        if proj is not site.value_node:
+            _set_projection(gm, proj, weight[keep], None if bias is None else bias[keep], site.path)
+    return results
+
+
+def _set_projection(gm, proj, weight, bias, path) -> None:
+    """Point a projection node at new (smaller) weights registered on the attention module."""
+    graph = gm.graph
+    owner = _module(gm, path)
+    _, weight_node, bias_node, transposed = linear_parts(proj)
+    name = register(owner, path, "folded_weight", (weight.t() if transposed else weight).contiguous())
+    with graph.inserting_before(proj):
+        new_weight = graph.get_attr(name)
+        proj.replace_input_with(weight_node, new_weight)
+        if bias is not None and isinstance(bias_node, torch.fx.Node):
+            proj.replace_input_with(bias_node, graph.get_attr(register(owner, path, "folded_bias", bias)))
+    for old in (weight_node, bias_node):
+        if isinstance(old, torch.fx.Node) and not old.users and old.op in ("get_attr", "call_function"):
+            graph.erase_node(old)
+
+
+def _expert_plan(values, plan: FoldPlan, projection_weights, config, generator, init_scale) -> SitePlan:
+    site, members = plan.site, plan.members
+    new_heads, group = members.shape
+    gqa = site.num_kv_heads < site.num_heads
+    num_experts = config.resolved_num_experts(group)
+    if config.top_k > num_experts:
+        raise FoldError(f"top_k={config.top_k} exceeds num_experts={num_experts}")
+    if config.init == "fold" and num_experts < group:
+        raise FoldError(f"num_experts={num_experts} is smaller than the fold group of {group} heads")
+    v_weight, v_bias, v_kept = projection_weights[site.value_node]
+    o_weight, _ = linear_weight(values, site.output_node)
+    kv_of_query = site.kv_head_of_query
+    kv_heads = kv_of_query[members[:, 0]].unique() if gqa else kv_of_query[members[:, 0]]
+    value_columns = site.value_columns[kv_heads]  # [G2, dh]
+
+    o_keep = plan.masks[linear_parts(site.output_node)[0]]
+    o_keep = o_keep.reshape(-1, o_keep.shape[-1]).any(0)
+    new_index = torch.cumsum(o_keep.long(), 0) - 1
+    output_columns = new_index[site.output_columns[members[:, 0]]]  # [H2, dh]
+
+    d_in, head_dim = site.embed_dim, site.head_dim
+    if config.init == "random":
+        weights = expert_init.random_init(len(kv_heads), new_heads, num_experts, d_in, site.query_dim, head_dim,
+                                          site.out_dim, v_bias is not None, init_scale, generator,
+                                          v_weight.dtype, v_weight.device)
+    else:
+        scale_v, scale_o = 2.0 / config.top_k, 2.0 * group / config.top_k
+        expert_of = torch.arange(num_experts) % group  # which group member each expert copies
+        noise = torch.randn(new_heads, num_experts, generator=generator) * config.fold_noise
+        noise[:, :group] = 0.0
+        factor = 1 + noise  # [H2, E]
+        if gqa:  # V stays per KV head: copies of it
+            v_heads = v_weight[value_columns].permute(0, 2, 1)  # [G2, d, dh]
+            v_experts = v_heads.unsqueeze(1).expand(-1, num_experts, -1, -1) * scale_v
+            v_bias_experts = (v_bias[value_columns].unsqueeze(1).expand(-1, num_experts, -1) * scale_v
+                              if v_bias is not None else None)
+        else:
+            cols = site.value_columns[kv_of_query[members[:, expert_of]]]  # [H2, E, dh]
+            v_experts = v_weight[cols].permute(0, 1, 3, 2) * factor[..., None, None] * scale_v  # [H2, E, d, dh]
+            v_bias_experts = v_bias[cols] * factor[..., None] * scale_v if v_bias is not None else None
+        o_cols = site.output_columns[members[:, expert_of]]  # [H2, E, dh]
+        o_experts = o_weight[:, o_cols].permute(1, 2, 3, 0) * factor[..., None, None] * scale_o  # [H2, E, dh, d_out]
+        v_input, q_input = linear_parts(site.value_node)[0], site.query_input
+        weights = expert_init.ExpertWeights(
+            v_experts=v_experts.contiguous(),
+            v_experts_bias=None if v_bias_experts is None else v_bias_experts.contiguous(),
+            v_router=expert_init.tiny_router(len(kv_heads) * num_experts, d_in, rms(values[v_input]),
+                                             config.upcycle_router_scale, generator, v_weight.device),
+            o_experts=o_experts.contiguous(),
+            o_router=expert_init.tiny_router(new_heads * num_experts, site.query_dim, rms(values[q_input]),
+                                             config.upcycle_router_scale, generator, v_weight.device),
+        )
+    return SitePlan(new_heads, len(kv_heads), value_columns, v_kept, v_weight, v_bias, output_columns, weights)
