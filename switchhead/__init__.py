@@ -1,7 +1,20 @@
 """switchhead-rewrite: find multi-head attention in any PyTorch model and rewrite it into SwitchHead."""
 
 from switchhead import kernels as _kernels  # registers the switchhead:: ops the rewritten graphs call
+from switchhead.accounting import (
+    AttentionCosts,
+    AttentionGeometry,
+    SiteCosts,
+    attention_costs,
+    format_table,
+    paper_macs,
+    paper_memory,
+    site_costs,
+    totals,
+)
 from switchhead.api import analyze, convert, find_attention, max_relative_error, report_of
+from switchhead.inspect import expert_usage
+from switchhead.io import LoadError, SaveError, load, save
 from switchhead.config import SwitchHeadConfig
 from switchhead.errors import (
     CaptureError,
@@ -14,7 +27,9 @@ from switchhead.report import ConversionReport
 from switchhead.site import AttentionSite, SkippedSite
 
 __all__ = [
-    "AttentionSite", "CaptureError", "ConversionReport", "MissingInputsError", "NoAttentionError",
-    "SkippedSite", "SwitchHeadConfig", "SwitchHeadError", "VerificationError", "analyze", "convert",
-    "find_attention", "max_relative_error", "report_of",
+    "AttentionCosts", "AttentionGeometry", "AttentionSite", "CaptureError", "ConversionReport", "LoadError",
+    "MissingInputsError", "NoAttentionError", "SaveError", "SiteCosts", "SkippedSite", "SwitchHeadConfig",
+    "SwitchHeadError", "VerificationError", "analyze", "attention_costs", "convert", "expert_usage",
+    "find_attention", "format_table", "load", "max_relative_error", "paper_macs", "paper_memory", "report_of",
+    "save", "site_costs", "totals",
 ]

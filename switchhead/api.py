@@ -76,25 +76,31 @@ def convert(
     config: SwitchHeadConfig | None = None,
     *,
     filter_fn: FilterFn | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> torch.fx.GraphModule:
     """Rewrite every multi-head attention of `model` into SwitchHead attention.
 
     Returns an fx GraphModule with the same inputs and output structure as `model`; its report is
     `report_of(result)`. With init="upcycle" and config.verify, the result is checked against the
-    original on the example inputs and a VerificationError is raised on mismatch.
+    original on the example inputs and a VerificationError is raised on mismatch. `progress` is
+    called with the name of each step as it starts ("capture", "rewrite", "verify").
     """
     config = config or SwitchHeadConfig()
+    step = progress or (lambda name: None)
+    step("capture")
     analysis = analyze(model, args, kwargs, filter_fn=filter_fn, module_filter=config.module_filter)
     if not analysis.sites:
         reasons = "; ".join(sorted({f"{s.path or '<root>'}: {s.reason}" for s in analysis.skipped})[:3])
         raise NoAttentionError(f"no attention to rewrite in {type(model).__name__}" + (f" (skipped: {reasons})" if reasons else ""))
     parameters_before = sum(p.numel() for p in model.parameters())
     gm = analysis.captured.graph_module
+    step("rewrite")
     plans = rewrite_experts(gm, analysis.values, analysis.sites, config,
                             fold_sites(gm, analysis.values, analysis.sites, config))
     analysis.values.clear()  # the example activations are no longer needed
     same_function = all(p.num_heads == s.num_heads and p.weights.v_experts.shape[1] == 1
                         for p, s in zip(plans, analysis.sites)) if config.init == "fold" else config.init == "upcycle"
+    step("verify")
     error = _verify(gm, analysis, config.verify_rtol, exact=same_function and config.verify)
     notes = []
     if config.init == "fold" and not same_function:

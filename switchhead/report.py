@@ -10,7 +10,10 @@ from typing import Any
 
 import torch
 
+from switchhead import accounting
 from switchhead.site import AttentionSite, SkippedSite
+
+DEFAULT_COST_SEQ_LEN = 2048
 
 
 @dataclasses.dataclass
@@ -26,6 +29,7 @@ class ConversionReport:
     parameters_after: int
     versions: dict[str, str]
     notes: list[str] = dataclasses.field(default_factory=list)
+    costs: dict[str, Any] = dataclasses.field(default_factory=dict)  # at DEFAULT_COST_SEQ_LEN
 
     @classmethod
     def build(cls, sites: list[AttentionSite], skipped: list[SkippedSite], plans: list, **fields: Any) -> "ConversionReport":
@@ -34,9 +38,35 @@ class ConversionReport:
         for site, plan in zip(sites, plans):
             entry = site.to_dict()
             entry.update(new_num_heads=plan.num_heads, new_num_kv_heads=plan.num_kv_heads,
-                         num_experts=int(plan.weights.v_experts.shape[1]))
+                         num_experts=int(plan.weights.v_experts.shape[1]),
+                         kv_bytes=plan.weights.v_experts.element_size())
             described.append(entry)
-        return cls(sites=described, skipped=[s.to_dict() for s in skipped], versions=versions(), **fields)
+        report = cls(sites=described, skipped=[s.to_dict() for s in skipped], versions=versions(), **fields)
+        report.costs = report.cost_summary(DEFAULT_COST_SEQ_LEN)
+        return report
+
+    def site_costs(self, seq_len: int) -> list[accounting.SiteCosts]:
+        """Before/after costs of every rewritten site for sequences of `seq_len` tokens."""
+        top_k = self.config["top_k"]
+        return [accounting.site_costs(site, site["num_experts"], top_k, seq_len, num_heads=site["new_num_heads"],
+                                      num_kv_heads=site["new_num_kv_heads"], kv_bytes=site["kv_bytes"])
+                for site in self.sites]
+
+    def cost_table(self, seq_len: int) -> list[tuple[str, str, str, str]]:
+        """Rows (label, before, after, after/before) over all sites, for the report and the CLI."""
+        return accounting.format_table(*accounting.totals(self.site_costs(seq_len)))
+
+    def cost_summary(self, seq_len: int) -> dict[str, Any]:
+        per_site = self.site_costs(seq_len)
+        before, after = accounting.totals(per_site)
+        return {
+            "seq_len": seq_len,
+            "table": [list(row) for row in accounting.format_table(before, after)],
+            "total_before": dataclasses.asdict(before),
+            "total_after": dataclasses.asdict(after),
+            "sites": [{"path": c.path, "before": dataclasses.asdict(c.before), "after": dataclasses.asdict(c.after)}
+                      for c in per_site],
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
