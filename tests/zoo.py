@@ -134,6 +134,67 @@ def _eager_inputs(batch: int, seq: int):
     return (torch.randn(batch, seq, 40), mask), {}
 
 
+class BloomStyleAttention(nn.Module):
+    """Bloom/Falcon-style: fused QKV interleaved per head ([H, 3, dh]), baddbmm with an ALiBi-like
+    per-head bias and the scale as alpha, bmm with the values over merged batch*heads."""
+
+    def __init__(self, d: int = 36, heads: int = 3):
+        super().__init__()
+        self.heads, self.dh = heads, d // heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.dense = nn.Linear(d, d)
+        slopes = torch.tensor([2.0 ** (-(i + 1)) for i in range(heads)])
+        self.register_buffer("slopes", slopes)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        fused = self.qkv(x).view(b, t, self.heads, 3, self.dh)
+        q, k, v = (fused[..., i, :].transpose(1, 2).reshape(b * self.heads, t, self.dh) for i in range(3))
+        alibi = (self.slopes.view(1, -1, 1, 1) * torch.arange(t, device=x.device).view(1, 1, 1, t))
+        alibi = alibi.expand(b, -1, 1, -1).reshape(b * self.heads, 1, t)
+        scores = torch.baddbmm(alibi, q, k.transpose(1, 2), beta=1.0, alpha=self.dh ** -0.5)
+        out = torch.bmm(scores.softmax(-1), v)
+        return self.dense(out.view(b, self.heads, t, self.dh).transpose(1, 2).reshape(b, t, d))
+
+
+class EinsumMQAAttention(nn.Module):
+    """Multi-query attention written with einsum: one K/V head shared by all query heads, the
+    scale folded into q before the product, a boolean causal mask through torch.where."""
+
+    def __init__(self, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.dh = heads, d // heads
+        self.q = nn.Linear(d, d, bias=False)
+        self.kv = nn.Linear(d, 2 * self.dh, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q = self.q(x).view(b, t, self.heads, self.dh).transpose(1, 2) * self.dh ** -0.5
+        k, v = self.kv(x).split(self.dh, dim=-1)
+        k, v = (z.unsqueeze(1).expand(b, self.heads, t, self.dh) for z in (k, v))
+        scores = torch.einsum("bhqd,bhkd->bhqk", q, k)
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        scores = torch.where(causal, scores, torch.finfo(scores.dtype).min)
+        out = torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), v)
+        return self.o(out.transpose(1, 2).reshape(b, t, d))
+
+
+def _stack(block: Callable[[], nn.Module], width: int, layers: int = 2) -> Callable[[], nn.Module]:
+    """A pre-norm residual stack of `layers` copies of an attention block."""
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(layers))
+            self.attns = nn.ModuleList(block() for _ in range(layers))
+
+        def forward(self, x):
+            for norm, attn in zip(self.norms, self.attns):
+                x = x + attn(norm(x))
+            return x
+    return Stack
+
+
 class MHAWrapper(nn.Module):
     def __init__(self, batch_first: bool, need_weights: bool, cross: bool, d: int = 32, heads: int = 4):
         super().__init__()
@@ -215,6 +276,8 @@ ZOO: list[ZooCase] = [
     ZooCase("hf_t5", _eval(_t5), _tokens(99, decoder_input_ids=lambda b, t: torch.randint(0, 99, (b, t + 1))), 6, 4, 4, 8, 2),
     ZooCase("nanogpt", _eval(NanoGPT), lambda b, t: ((torch.randint(0, 64, (b, t)),), {}), 2, 4, 4, 12),
     ZooCase("eager_attention", _eval(EagerEncoder), _eager_inputs, 2, 5, 5, 8),
+    ZooCase("bloom_style_baddbmm", _eval(_stack(BloomStyleAttention, 36)), _features(36), 2, 3, 3, 12),
+    ZooCase("einsum_mqa", _eval(_stack(EinsumMQAAttention, 32)), _features(32), 2, 4, 1, 8),
 ]
 
 ZOO_BY_NAME = {case.name: case for case in ZOO}

@@ -39,8 +39,16 @@ CAST_OPS = {
 NOOP_OPS = {aten._assert_tensor_metadata.default}
 
 
+# Elementwise ops that carry no `pointwise` tag: the selects used for masking scores.
+_UNTAGGED_ELEMENTWISE = {
+    aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar,
+    aten.masked_fill.Scalar, aten.masked_fill.Tensor,
+}
+
+
 def is_pointwise(target) -> bool:
-    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+    return target in _UNTAGGED_ELEMENTWISE or (
+        isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags)
 
 
 def linear_parts(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node | None, bool] | None:
