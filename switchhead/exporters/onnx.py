@@ -28,6 +28,7 @@ try:
     import onnx
     import onnx_ir as ir
     import onnxruntime as ort
+    import onnxscript
     from onnx_ir.passes.common import InlinePass, RemoveUnusedFunctionsPass, RemoveUnusedOpsetsPass
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -205,7 +206,10 @@ def _attach_functions(model: ir.Model) -> tuple[str, ...]:
 
 
 def _inline_functions(model: ir.Model) -> None:
+    """Expand the expert functions in place, then let the ONNX optimizer drop what the expansion left
+    behind (CastLike to the same type, shape arithmetic on constant weights)."""
     InlinePass()(model)
+    onnxscript.optimizer.optimize(model)
     RemoveUnusedFunctionsPass()(model)
     RemoveUnusedOpsetsPass()(model)
     model.opset_imports.pop(onnx_ops.DOMAIN, None)
