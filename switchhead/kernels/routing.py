@@ -46,7 +46,8 @@ def head_order(bits: Tensor, num_experts: int) -> Tensor:
     n, h = bits.shape
     heads = torch.arange(h, dtype=torch.int32, device=bits.device).unsqueeze(1)
     key = (heads << num_experts) | bits.t()  # [H, N]; head-major, so one flat sort keeps heads apart
-    return (torch.sort(key.flatten()).indices % n).view(h, n)
+    flat = torch.sort(key.flatten()).indices.view(h, n)  # row h holds h*N + (tokens of head h)
+    return flat - heads.to(flat.dtype) * n
 
 
 def signature_order(bits: Tensor, num_experts: int) -> Tensor:

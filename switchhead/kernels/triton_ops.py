@@ -37,7 +37,8 @@ def _gate_grad(dense: Tensor, expert_index: Tensor, gates: Tensor) -> Tensor:
 
 
 def _check_experts(weight: Tensor) -> int:
-    e = weight.shape[1]
+    """E as a plain int: it sets shift widths and loop trips, so a traced graph specialises on it."""
+    e = int(weight.shape[1])
     if e > routing.MAX_EXPERTS:
         raise ValueError(f"Triton expert kernels take at most {routing.MAX_EXPERTS} experts per head, got {e}")
     return e

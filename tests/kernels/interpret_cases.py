@@ -52,8 +52,10 @@ def _chosen(p, e: int) -> torch.Tensor:
     return torch.zeros(*p.expert_index.shape[:2], e, dtype=torch.bool).scatter(2, p.expert_index, True)
 
 
-@pytest.mark.parametrize("s", SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+CASES = [(s, torch.float32) for s in SHAPES] + [(SHAPES[1], torch.float16), (SHAPES[3], torch.float16)]
+
+
+@pytest.mark.parametrize(("s", "dtype"), CASES, ids=str)
 def test_full_ops_forward_and_every_gradient(s: Shape, dtype: torch.dtype) -> None:
     p = make_problem(s, dtype)
     tol = TOL[dtype]
@@ -78,7 +80,7 @@ def test_full_ops_forward_and_every_gradient(s: Shape, dtype: torch.dtype) -> No
         assert g.shape == w.shape and rel_err(g, w) < tol, name
 
 
-@pytest.mark.parametrize("s", SHAPES[1:4], ids=str)
+@pytest.mark.parametrize("s", [SHAPES[1], SHAPES[3]], ids=str)
 def test_kernels_with_small_blocks(s: Shape) -> None:
     """16-wide blocks: several row, column and reduction blocks, ragged at every edge."""
     p = make_problem(s, torch.float32)

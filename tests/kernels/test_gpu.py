@@ -71,21 +71,6 @@ def test_forward_and_every_gradient_vs_fp64(s: Shape, dtype: torch.dtype) -> Non
     assert all(err < TOL[dtype] for err in errors.values()), errors
 
 
-def test_opcheck_cuda() -> None:
-    p = make_problem(Shape(301, 96, 2, 4, 2, 32, 80), torch.float32, "cuda")
-    # The triton ops have no autograd of their own (the stable ops carry it): opcheck them without grads.
-    torch.library.opcheck(torch.ops.switchhead.expert_v_triton.default, (p.x, p.w_v, p.b_v, p.expert_index, p.gates))
-    torch.library.opcheck(torch.ops.switchhead.expert_o_triton.default, (p.attn, p.w_o, p.expert_index, p.gates))
-    for t in (p.x, p.w_v, p.b_v, p.gates, p.attn, p.w_o):
-        t.requires_grad_(True)
-    for op, args in (
-        (torch.ops.switchhead.expert_v.default, (p.x, p.w_v, p.b_v, p.expert_index, p.gates)),
-        (torch.ops.switchhead.expert_v.default, (p.x, p.w_v, None, p.expert_index, p.gates)),
-        (torch.ops.switchhead.expert_o.default, (p.attn, p.w_o, p.expert_index, p.gates)),
-    ):
-        torch.library.opcheck(op, args)
-
-
 def _layer(x, w_v, b_v, w_o, expert_index, gates):
     n, h, dh = x.shape[0], w_v.shape[0], w_v.shape[3]
     v = torch.ops.switchhead.expert_v(x, w_v, b_v, expert_index, gates)
@@ -131,3 +116,15 @@ def test_export_on_cuda_keeps_the_stable_ops() -> None:
     ep = torch.export.export(Layer(), (p.x, p.w_v, p.b_v, p.w_o, p.expert_index, p.gates))
     targets = {str(n.target) for n in ep.graph.nodes}
     assert "switchhead.expert_v.default" in targets and "switchhead.expert_o.default" in targets, targets
+
+
+def test_opcheck_cuda() -> None:
+    p = make_problem(Shape(301, 96, 2, 4, 2, 32, 80), torch.float32, "cuda")
+    for t in (p.x, p.w_v, p.b_v, p.gates, p.attn, p.w_o):
+        t.requires_grad_(True)
+    for op, args in (
+        (torch.ops.switchhead.expert_v.default, (p.x, p.w_v, p.b_v, p.expert_index, p.gates)),
+        (torch.ops.switchhead.expert_v.default, (p.x, p.w_v, None, p.expert_index, p.gates)),
+        (torch.ops.switchhead.expert_o.default, (p.attn, p.w_o, p.expert_index, p.gates)),
+    ):
+        torch.library.opcheck(op, args)
