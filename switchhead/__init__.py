@@ -18,6 +18,7 @@ from switchhead.io import LoadError, SaveError, load, save
 from switchhead.config import SwitchHeadConfig
 from switchhead.errors import (
     CaptureError,
+    ConfigMismatchError,
     MissingInputsError,
     NoAttentionError,
     SwitchHeadError,
@@ -27,7 +28,7 @@ from switchhead.report import ConversionReport
 from switchhead.site import AttentionSite, SkippedSite
 
 __all__ = [
-    "AttentionCosts", "AttentionGeometry", "AttentionSite", "CaptureError", "ConversionReport", "LoadError",
+    "AttentionCosts", "AttentionGeometry", "AttentionSite", "CaptureError", "ConfigMismatchError", "ConversionReport", "LoadError",
     "MissingInputsError", "NoAttentionError", "SaveError", "SiteCosts", "SkippedSite", "SwitchHeadConfig",
     "SwitchHeadError", "VerificationError", "analyze", "attention_costs", "convert", "expert_usage",
     "find_attention", "format_table", "load", "max_relative_error", "paper_macs", "paper_memory", "report_of",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import inspect
 import json
 import os
 import re
@@ -133,10 +132,19 @@ class Steps:
 
 @click.command(cls=_Command, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model_file", type=click.Path(path_type=Path, dir_okay=True))
-@click.option("--experts", "-e", type=int, default=4, show_default=True, help="Experts per head (E).")
+@click.option("--experts", "-e", type=int, default=None,
+              help="Experts per head (E) [default: 4; with --init fold, the heads folded into each new head].")
 @click.option("--top-k", "-k", type=int, default=2, show_default=True, help="Experts active per head and token (k <= E).")
-@click.option("--init", type=click.Choice(["upcycle", "random"]), default="upcycle", show_default=True,
-              help="upcycle: experts copy the dense heads, same function (verified); random: paper's init.")
+@click.option("--init", type=click.Choice(["upcycle", "random", "fold"]), default="upcycle", show_default=True,
+              help="upcycle: experts copy the dense heads, same function (verified); random: paper's init; "
+                   "fold: groups of dense heads become the experts of fewer heads (lossy: heal afterwards).")
+@click.option("--heads", type=int, default=None, metavar="H",
+              help="Heads of every rewritten attention (fewer heads is where SwitchHead saves compute); "
+                   "needs --init fold or random. With GQA, a multiple of the KV heads.")
+@click.option("--fold-qk", type=click.Choice(["mean", "first"]), default="mean", show_default=True,
+              help="How a folded group's Q/K heads become one: their mean, or the first head.")
+@click.option("--seq-len", type=int, default=2048, show_default=True,
+              help="Sequence length of the before/after cost table (MACs per token, activation memory).")
 @click.option("--filter", "module_filter", metavar="REGEX", help="Only rewrite attention whose module path matches (re.search).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("switchhead_out"), show_default=True,
               help="Output directory.")
@@ -151,9 +159,10 @@ class Steps:
 @click.option("--inputs", "inputs_name", metavar="NAME", help="Example inputs (or function) in the model file [example_inputs].")
 @click.option("--traceback", "show_traceback", is_flag=True, help="Show the Python traceback of an error.")
 @click.pass_context
-def main(ctx: click.Context, model_file: Path, experts: int, top_k: int, init: str, module_filter: str | None,
-         output: Path, dry_run: bool, report_json: Path | None, quiet: bool, as_json: bool, seed: int, force: bool,
-         entry: str | None, inputs_name: str | None, show_traceback: bool) -> int:
+def main(ctx: click.Context, model_file: Path, experts: int | None, top_k: int, init: str, heads: int | None,
+         fold_qk: str, seq_len: int, module_filter: str | None, output: Path, dry_run: bool, report_json: Path | None,
+         quiet: bool, as_json: bool, seed: int, force: bool, entry: str | None, inputs_name: str | None,
+         show_traceback: bool) -> int:
     """Rewrite every multi-head attention of the model in MODEL_FILE into SwitchHead attention
     (mixture-of-experts V and O projections) and save the result."""
     show = not (quiet or as_json)
@@ -166,10 +175,12 @@ def main(ctx: click.Context, model_file: Path, experts: int, top_k: int, init: s
             for name in ("output", "force"):
                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
                     raise CliError(f"--{name} has no effect with --dry-run", ExitCode.USAGE)
-        config = _config(experts, top_k, init, module_filter, seed)
+        config = _config(experts, top_k, init, heads, fold_qk, module_filter, seed)
+        if seq_len < 1:
+            raise CliError(f"--seq-len must be at least 1, got {seq_len}", ExitCode.USAGE)
         if not dry_run:
             _check_output(output, force)
-        result = _run(model_file, entry, inputs_name, config, output, dry_run, force, steps, out)
+        result = _run(model_file, entry, inputs_name, config, output, dry_run, force, steps, out, seq_len)
         result["timings_s"] = {k: round(v, 3) for k, v in steps.timings.items()}
         result["timings_s"]["total"] = round(sum(steps.timings.values()), 3)
         if report_json is not None:
@@ -190,18 +201,23 @@ def main(ctx: click.Context, model_file: Path, experts: int, top_k: int, init: s
         return error.code
 
 
-def _config(experts: int, top_k: int, init: str, module_filter: str | None, seed: int):
-    if experts < 1:
+def _config(experts: int | None, top_k: int, init: str, heads: int | None, fold_qk: str, module_filter: str | None,
+            seed: int):
+    if experts is not None and experts < 1:
         raise CliError(f"--experts must be at least 1, got {experts}", ExitCode.USAGE)
-    if not 1 <= top_k <= experts:
-        raise CliError(f"--top-k must be between 1 and --experts ({experts}), got {top_k}", ExitCode.USAGE)
+    if top_k < 1 or (experts is not None and top_k > experts):
+        raise CliError(f"--top-k must be between 1 and --experts ({experts or 'E'}), got {top_k}", ExitCode.USAGE)
+    if heads is not None and init == "upcycle":
+        raise CliError("--heads changes the model's function: use it with --init fold (pretrained) or --init random",
+                       ExitCode.USAGE)
     if module_filter is not None:
         try:
             re.compile(module_filter)
         except re.error as exc:
             raise CliError(f"--filter {module_filter!r} is not a valid regular expression: {exc}", ExitCode.USAGE) from None
     try:
-        return switchhead.SwitchHeadConfig(num_experts=experts, top_k=top_k, init=init, module_filter=module_filter, seed=seed)
+        return switchhead.SwitchHeadConfig(num_experts=experts, top_k=top_k, init=init, num_heads=heads, fold_qk=fold_qk,
+                                           module_filter=module_filter, seed=seed)
     except ValueError as exc:
         raise CliError(str(exc), ExitCode.USAGE) from None
 
@@ -217,7 +233,7 @@ def _check_output(output: Path, force: bool) -> None:
 
 
 def _run(model_file: Path, entry: str | None, inputs_name: str | None, config, output: Path, dry_run: bool,
-         force: bool, steps: Steps, out: Console | None) -> dict[str, Any]:
+         force: bool, steps: Steps, out: Console | None, seq_len: int) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     steps.start("load")
     loaded = load_model_file(model_file, entry, inputs_name)
@@ -228,9 +244,11 @@ def _run(model_file: Path, entry: str | None, inputs_name: str | None, config, o
     except switchhead.NoAttentionError as exc:
         raise _explain_no_attention(loaded, config, steps, out) from exc
     report = switchhead.report_of(converted)
+    report.costs = report.cost_summary(seq_len)
     steps.done()
     if out is not None:
         _print_tables(out, report.sites, report.skipped, {s["path"] for s in report.sites})
+        _print_costs(out, report)
     steps.start("save")
     extra = {"source": str(model_file), "timings_s": {k: round(v, 3) for k, v in steps.timings.items()}}
     try:
@@ -243,11 +261,8 @@ def _run(model_file: Path, entry: str | None, inputs_name: str | None, config, o
 
 
 def _convert(loaded, config, steps: Steps):
-    """convert(), reporting its steps when it takes a `progress` callback (else as one step)."""
-    if "progress" in inspect.signature(switchhead.convert).parameters:
-        return switchhead.convert(loaded.model, loaded.args, loaded.kwargs, config=config, progress=steps.start)
-    steps.start("convert")
-    return switchhead.convert(loaded.model, loaded.args, loaded.kwargs, config=config)
+    """convert(), one progress step per stage."""
+    return switchhead.convert(loaded.model, loaded.args, loaded.kwargs, config=config, progress=steps.start)
 
 
 def _dry_run(loaded, config, steps: Steps, out: Console | None) -> dict[str, Any]:
@@ -316,6 +331,8 @@ def _as_cli_error(exc: BaseException, model_file: Path) -> CliError:
         return CliError(first_line, ExitCode.NO_ATTENTION)
     if isinstance(exc, SaveError):
         return CliError(first_line, ExitCode.OUTPUT)
+    if isinstance(exc, switchhead.ConfigMismatchError):
+        return CliError(first_line, ExitCode.USAGE)
     if isinstance(exc, switchhead.SwitchHeadError):
         return CliError(first_line, ExitCode.MODEL)
     return CliError(f"internal error: {type(exc).__name__}: {first_line} (rerun with --traceback and please report it)",
@@ -365,6 +382,20 @@ def _print_tables(out: Console, sites: list[dict[str, Any]], skipped: list[dict[
         out.print(table)
 
 
+def _print_costs(out: Console, report) -> None:
+    """Before/after table of what attention costs (all rewritten sites together)."""
+    costs = report.costs
+    table = Table(title=f"Attention cost, all rewritten modules (sequence length {costs['seq_len']})",
+                  title_justify="left")
+    for column, justify in [("", "left"), ("dense", "right"), ("SwitchHead", "right"), ("after/before", "right")]:
+        table.add_column(column, justify=justify, no_wrap=True)
+    for row in costs["table"]:
+        table.add_row(*row)
+    out.print(table)
+    for note in report.notes:
+        out.print(f"[yellow]note:[/] {note}")
+
+
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k" if n >= 1e3 else str(n)
 
@@ -379,14 +410,17 @@ def _print_summary(out: Console, result: dict[str, Any]) -> None:
         rows.append(("found", f"{len(result['sites'])} attention module(s), {len(result['selected'])} selected; "
                               "nothing written (--dry-run)"))
     else:
+        first = result["sites"][0]
+        heads = f"{first['num_heads']} -> {first['new_num_heads']} heads, " if first["new_num_heads"] != first["num_heads"] else ""
         rows.append(("rewrote", f"{result['rewrites']} projection(s) in {len(result['sites'])} attention module(s): "
-                                f"E={config['num_experts']}, top-{config['top_k']}, init={config['init']}, seed={config['seed']}"))
+                                f"{heads}E={first['num_experts']}, top-{config['top_k']}, init={config['init']}, "
+                                f"seed={config['seed']}"))
         before, after = result["parameters_before"], result["parameters_after"]
         rows.append(("parameters", f"{_count(before)} -> {_count(after)} (+{_count(after - before)})"))
         if result["verify_max_error"] is not None:
             rows.append(("verified", f"max relative error {result['verify_max_error']:.2e} (limit {config['verify_rtol']:g})"))
         else:
-            rows.append(("verified", "not checked (random init changes the function)"))
+            rows.append(("verified", f"outputs' structure and shapes only (init={config['init']} changes the function)"))
     shapes = "dynamic (other batch / sequence sizes work)" if result["dynamic_shapes"] else \
         f"static: {result['static_reason']}"
     rows.append(("shapes", shapes))

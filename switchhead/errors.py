@@ -19,3 +19,7 @@ class NoAttentionError(SwitchHeadError):
 
 class VerificationError(SwitchHeadError):
     """The converted model does not match the original where it must."""
+
+
+class ConfigMismatchError(SwitchHeadError):
+    """The config does not fit this model (e.g. a head count its attention cannot be folded to)."""

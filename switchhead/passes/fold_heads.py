@@ -39,7 +39,7 @@ import torch.fx
 
 from switchhead import experts as expert_init
 from switchhead.config import SwitchHeadConfig
-from switchhead.errors import SwitchHeadError
+from switchhead.errors import ConfigMismatchError
 from switchhead.graph.ops import CAST_OPS, NOOP_OPS, is_pointwise, linear_parts
 from switchhead.graph.provenance import ProvenanceError, ancestors, replay, rerun, region_between
 from switchhead.passes.rewrite_experts import SitePlan, linear_weight, register, rms
@@ -76,7 +76,7 @@ class FoldPlan:
 def fold_sites(gm: torch.fx.GraphModule, values: dict, sites: list[AttentionSite],
                config: SwitchHeadConfig) -> dict[int, SitePlan]:
     """Fold every site to `config.num_heads` heads (init "fold", or "random" with num_heads);
-    returns the expert plan of each folded site by index. Raises SwitchHeadError naming the site
+    returns the expert plan of each folded site by index. Raises ConfigMismatchError naming the site
     that cannot be folded, before the graph is changed."""
     if config.init != "fold" and config.num_heads is None:
         return {}
@@ -87,13 +87,13 @@ def fold_sites(gm: torch.fx.GraphModule, values: dict, sites: list[AttentionSite
         try:
             folds.append(plan_fold(values, site, config.num_heads or site.num_heads))
         except FoldError as exc:
-            raise SwitchHeadError(f"cannot fold the heads of {site.path or '<root>'}: {exc}") from None
+            raise ConfigMismatchError(f"cannot fold the heads of {site.path or '<root>'}: {exc}") from None
     plans = {}
     for index, fold in enumerate(folds):
         try:
             plans[index] = apply_fold(gm, values, fold, config, generator, init_scale)
         except FoldError as exc:
-            raise SwitchHeadError(f"cannot fold the heads of {fold.site.path or '<root>'}: {exc}") from None
+            raise ConfigMismatchError(f"cannot fold the heads of {fold.site.path or '<root>'}: {exc}") from None
     return plans
 
 

@@ -197,3 +197,16 @@ def test_report_json_unwritable(run_cli, write_model, tmp_path):
     blocker.write_text("x")
     assert_failed(run_cli(write_model(), "--dry-run", "--report-json", blocker / "r.json"), ExitCode.OUTPUT,
                   "cannot write --report-json")
+
+
+def test_heads_without_fold_or_random_is_a_usage_error(run_cli, write_model, tmp_path):
+    assert_failed(run_cli(write_model(), "--heads", "1", "-o", tmp_path / "out"), ExitCode.USAGE,
+                  "--heads changes the model's function")
+    assert not (tmp_path / "out").exists()
+
+
+def test_heads_the_model_cannot_fold_to_is_a_usage_error(run_cli, tmp_path):
+    examples = Path(__file__).parents[2] / "examples"
+    result = run_cli(examples / "llama_small.py", "--init", "fold", "--heads", "3", "-o", tmp_path / "out")
+    assert_failed(result, ExitCode.USAGE, "cannot fold the heads of model.layers.0.self_attn")
+    assert not (tmp_path / "out").exists()

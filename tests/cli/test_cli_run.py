@@ -134,3 +134,23 @@ def test_help_shows_a_worked_example(run_cli):
     assert result.exit_code == 0
     for text in ("examples/nanogpt.py", "switchhead.load", "Exit codes", "--experts", "--top-k", "--filter", "--force"):
         assert text in result.stdout, text
+
+
+def test_fold_to_fewer_heads_prints_costs_and_saves(run_cli, tmp_path):
+    out = tmp_path / "folded"
+    result = run_cli(EXAMPLES / "llama_small.py", "--init", "fold", "--heads", "2", "--seq-len", "512", "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert all(s["num_heads"] == 4 and s["new_num_heads"] == 2 and s["num_experts"] == 2 for s in printed["sites"])
+    assert printed["costs"]["seq_len"] == 512
+    core = next(row for row in printed["costs"]["table"] if row[0].startswith("MACs/token, attention core (full"))
+    assert core[3] == "0.50x"
+    assert printed["notes"] and "lossy" in printed["notes"][0]
+    loaded = switchhead.load(out)
+    assert sum(1 for n in loaded.graph.nodes if "expert_o" in str(n.target)) == 2
+
+
+def test_fold_cost_table_in_human_output(run_cli, write_model, tmp_path):
+    result = run_cli(write_model(), "--init", "fold", "--heads", "1", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    assert "Attention cost" in result.stdout and "after/before" in result.stdout and "lossy" in result.stdout
