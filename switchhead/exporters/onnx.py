@@ -28,7 +28,6 @@ try:
     import onnx
     import onnx_ir as ir
     import onnxruntime as ort
-    import onnxscript
     from onnx_ir.passes.common import InlinePass, RemoveUnusedFunctionsPass, RemoveUnusedOpsetsPass
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -101,7 +100,7 @@ def export_onnx(
         external_data: weights in a separate `<name>.data` file; None: only above 1 GiB of weights
             (a single protobuf file cannot pass 2 GB).
         verify_inputs: (args, kwargs) of the second shape; default: the example inputs with every
-            dynamic dim grown by one (values repeated cyclically, so token ids and masks stay valid).
+            dynamic dim grown by one (values rotated cyclically, so token ids and masks stay valid).
         verify_rtol: the largest accepted max |onnx - torch| / max |torch| per output.
     """
     if opset_version is not None and opset_version < MIN_OPSET:
@@ -119,7 +118,8 @@ def export_onnx(
     _pin_numeric_dims(model)
     functions = _attach_functions(model)
     if inline:
-        _inline_functions(model)
+        with _quiet("onnxscript"):
+            _inline_functions(model)
         functions = ()
     if external_data is None:
         external_data = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None) > EXTERNAL_DATA_BYTES
@@ -206,13 +206,27 @@ def _attach_functions(model: ir.Model) -> tuple[str, ...]:
 
 
 def _inline_functions(model: ir.Model) -> None:
-    """Expand the expert functions in place, then let the ONNX optimizer drop what the expansion left
-    behind (CastLike to the same type, shape arithmetic on constant weights)."""
+    """Expand the expert functions in place and drop the casts that became no-ops.
+
+    (Not onnxscript.optimizer.optimize: on a batch-1 export it folded a Reshape shape into a value
+    that no node produces and no initializer holds, and the checker rejected the file.)"""
     InlinePass()(model)
-    onnxscript.optimizer.optimize(model)
+    for node in list(model.graph):
+        if node.op_type == "CastLike" and node.domain == "" and _dtype(node.inputs[0]) is not None \
+                and _dtype(node.inputs[0]) == _dtype(node.inputs[1]) and not node.outputs[0].is_graph_output():
+            ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0])
+            model.graph.remove(node, safe=True)
     RemoveUnusedFunctionsPass()(model)
     RemoveUnusedOpsetsPass()(model)
     model.opset_imports.pop(onnx_ops.DOMAIN, None)
+
+
+def _dtype(value: ir.Value) -> ir.DataType | None:
+    """A value's dtype, also for the outputs of `Constant(value_float=...)` the functions create."""
+    producer = value.producer()
+    if value.dtype is None and producer is not None and producer.op_type == "Constant" and "value_float" in producer.attributes:
+        return ir.DataType.FLOAT
+    return value.dtype
 
 
 def _custom_node_counts(model: ir.Model) -> dict[str, int]:
@@ -260,7 +274,7 @@ def _verify(module, program, path: Path, args, kwargs, verify_inputs, rtol: floa
             got = session.run(None, feed)
         except Exception as exc:
             raise VerificationError(f"onnxruntime cannot run {path.name} on the {label} inputs ({shapes}): {_first_line(exc)}") from exc
-        want = [leaf for leaf in pytree.tree_leaves(expected) if isinstance(leaf, torch.Tensor)]
+        want = [leaf.cpu() for leaf in pytree.tree_leaves(expected) if isinstance(leaf, torch.Tensor)]
         if len(want) != len(got):
             raise VerificationError(f"{path.name} has {len(got)} outputs, the PyTorch model {len(want)} tensors")
         error = max_relative_error(want, [torch.from_numpy(g) for g in got])
@@ -280,7 +294,7 @@ def _grown_inputs(args, kwargs, in_spec, names: list[str], onnx_inputs: dict[str
         for dim, size in enumerate(onnx_inputs.get(name, [])):
             if isinstance(size, str) and isinstance(value, torch.Tensor):
                 old = value.shape[dim]
-                value = value.index_select(dim, (torch.arange(old + 1) + 1) % old)
+                value = value.index_select(dim, (torch.arange(old + 1, device=value.device) + 1) % old)
         grown.append(value)
     new_args, new_kwargs = pytree.tree_unflatten(grown, in_spec)
     return tuple(new_args), new_kwargs

@@ -5,11 +5,14 @@ so a wrong expert choice would go unnoticed on the zoo alone)."""
 
 from __future__ import annotations
 
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
-from helpers import converted
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from helpers import converted  # noqa: E402 (after the importorskips)
 from zoo import ZOO, ZOO_BY_NAME
 
 import switchhead
@@ -157,3 +160,14 @@ def test_mismatch_is_a_one_line_verification_error(tmp_path):
 def test_old_opset_is_refused(tmp_path):
     with pytest.raises(ValueError, match=f">= {MIN_OPSET}"):
         export_onnx(_Experts(), tmp_path / "model.onnx", _routing(19), opset_version=MIN_OPSET - 1)
+
+
+def test_inline_batch_one_export(tmp_path):
+    """Batch 1 specialises the batch dim: reshape shapes become constants (a case the ONNX optimizer
+    once broke by leaving a folded shape without producer)."""
+    _, module = converted("nanogpt")
+    args, kwargs = ZOO_BY_NAME["nanogpt"].inputs(1, 9)
+    result = export_onnx(module, tmp_path / "b1.onnx", args, kwargs, inline=True)
+
+    _assert_verified(result)
+    assert not any(n.op_type == "CastLike" for n in onnx.load(result.path).graph.node), "no-op casts left"
