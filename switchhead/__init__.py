@@ -1,6 +1,6 @@
 """switchhead-rewrite: find multi-head attention in any PyTorch model and rewrite it into SwitchHead."""
 
-from switchhead import kernels as _kernels  # registers the switchhead:: ops the rewritten graphs call
+from switchhead import kernels as _kernels  # noqa: F401  (registers the switchhead:: ops the rewritten graphs call)
 from switchhead.accounting import (
     AttentionCosts,
     AttentionGeometry,

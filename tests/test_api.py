@@ -4,7 +4,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn as nn
 
 import switchhead
 from zoo import NanoGPT, ZOO_BY_NAME

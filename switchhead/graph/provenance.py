@@ -44,9 +44,10 @@ def ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
     return seen
 
 
-def region_between(sources: Iterable[torch.fx.Node], target: torch.fx.Node) -> list[torch.fx.Node]:
-    """Nodes that depend on a source and that `target` depends on (target included), in graph order."""
-    upstream = ancestors(target) | {target}
+def region_between(sources: Iterable[torch.fx.Node], targets: torch.fx.Node | Iterable[torch.fx.Node]) -> list[torch.fx.Node]:
+    """Nodes that depend on a source and that a target depends on (targets included), in graph order."""
+    targets = [targets] if isinstance(targets, torch.fx.Node) else list(targets)
+    upstream = set(targets).union(*(ancestors(t) for t in targets))
     region: set[torch.fx.Node] = set()
     stack = [s for s in sources if s in upstream]
     while stack:
@@ -55,7 +56,7 @@ def region_between(sources: Iterable[torch.fx.Node], target: torch.fx.Node) -> l
             if user in upstream and user not in region:
                 region.add(user)
                 stack.append(user)
-    order = {n: i for i, n in enumerate(target.graph.nodes)}
+    order = {n: i for i, n in enumerate(targets[0].graph.nodes)} if targets else {}
     return sorted(region, key=order.__getitem__)
 
 

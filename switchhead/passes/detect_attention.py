@@ -37,7 +37,7 @@ from switchhead.graph.ops import (
     is_pointwise,
     linear_parts,
 )
-from switchhead.graph.provenance import ProvenanceError, ancestors, region_between, replay
+from switchhead.graph.provenance import ProvenanceError, region_between, replay
 from switchhead.site import AttentionSite, SkippedSite
 
 aten = torch.ops.aten

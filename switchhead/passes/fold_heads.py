@@ -227,9 +227,7 @@ def _check_no_leak(values, site, projections, anchors, masks) -> None:
         seed = values[proj].detach().clone()
         seed[~masks[proj]] = float("nan")
         targets = [a for a in anchors if proj in ancestors(a)]
-        ran = rerun(region_between([proj], targets[0]) if len(targets) == 1 else
-                    sorted(set().union(*(region_between([proj], t) for t in targets)),
-                           key=lambda n: list(proj.graph.nodes).index(n)), {proj: seed}, values)
+        ran = rerun(region_between([proj], targets), {proj: seed}, values)
         for anchor in targets:
             if torch.isnan(ran[anchor][anchors[anchor]]).any():
                 raise FoldError("heads mix before attention (a kept head reads a folded one)")
@@ -252,8 +250,7 @@ def _kept_per_dim(mask: torch.Tensor) -> list[torch.Tensor]:
 def apply_fold(gm: torch.fx.GraphModule, values: dict, plan: FoldPlan, config: SwitchHeadConfig,
                generator: torch.Generator, init_scale: float) -> SitePlan:
     """Resize the site's graph to the kept heads and build the expert plan of the folded heads."""
-    site, masks = plan.site, plan.masks
-    keeps = {n: _kept_per_dim(m) for n, m in masks.items()}
+    keeps = {n: _kept_per_dim(m) for n, m in plan.masks.items()}
     edits = [_edit_for(n, values, keeps) for n in plan.region]  # validate everything before mutating
     graph = gm.graph
     for node, edit in zip(plan.region, edits):
@@ -361,24 +358,33 @@ def _edit_for(node: torch.fx.Node, values: dict, keeps: dict):
 
 
 def _fold_external_operands(gm, plan: FoldPlan, values, keeps, config) -> None:
-    """Per-head tensors from outside (T5's relative position bias, per-head masks) keep the kept
-    heads' slices (fold_qk='first') or the mean over each group ('mean')."""
+    """Per-head tensors from outside the region (T5's relative position bias, ALiBi, per-head masks)
+    keep the kept heads' slices (fold_qk='first') or the mean over each group ('mean'). They enter
+    pointwise ops, SDPA's attn_mask and baddbmm's additive input."""
     graph = gm.graph
     region = set(plan.region)
-    members = plan.members
+    operands = set(plan.site.core_operands or ())
     for node in plan.region:
-        if node not in keeps or not (is_pointwise(node.target) or node.target is aten.scaled_dot_product_attention.default):
+        if node not in keeps:
             continue
-        out_shape = values[node].shape
-        externals = [a for a in node.all_input_nodes if a not in region and isinstance(values.get(a), torch.Tensor)
-                     and a not in (plan.site.core_operands or ())]
-        if node.target is aten.scaled_dot_product_attention.default:
-            externals = [a for a in externals if a is node.args[3] or a is node.kwargs.get("attn_mask")]
-            out_shape = values[node.args[0]].shape[:-1] + (values[node.args[1]].shape[-2],)
+        target = node.target
+        if target is aten.scaled_dot_product_attention.default:
+            mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+            externals = [mask] if isinstance(mask, torch.fx.Node) else []
+            q, k = values[node.args[0]], values[node.args[1]]
+            out_shape = q.shape[:-1] + (k.shape[-2],)  # the scores the mask is added to
+            out_keep = keeps[node][:-1] + [torch.ones(out_shape[-1], dtype=torch.bool)]
+        elif target is aten.baddbmm.default or is_pointwise(target):
+            externals = [node.args[0]] if target is aten.baddbmm.default else node.all_input_nodes
+            out_shape, out_keep = values[node].shape, keeps[node]
+        else:
+            continue
         for ext in externals:
+            if not isinstance(ext, torch.fx.Node) or ext in region or ext in operands \
+                    or not isinstance(values.get(ext), torch.Tensor):
+                continue
             ext_shape = values[ext].shape
-            for dim, keep in enumerate(keeps[node] if node.target is not aten.scaled_dot_product_attention.default
-                                       else keeps[node][:-1] + [torch.ones(out_shape[-1], dtype=torch.bool)]):
+            for dim, keep in enumerate(out_keep):
                 ext_dim = dim - (len(out_shape) - len(ext_shape))
                 if ext_dim < 0 or bool(keep.all()) or ext_shape[ext_dim] == 1:
                     continue
@@ -390,17 +396,23 @@ def _fold_external_operands(gm, plan: FoldPlan, values, keeps, config) -> None:
                 ext = folded
 
 
-def _fold_along(graph, gm, plan: FoldPlan, ext, dim, keep, fold_qk):
+def _fold_along(graph, gm, plan: FoldPlan, ext, dim: int, keep: torch.Tensor, fold_qk: str):
+    """Fold dim `dim` of `ext`, which holds the heads (size H) or batch*heads (merged, batch-major)."""
+    heads = plan.site.num_heads
+    merged = keep.numel() != heads
+    if not torch.equal(keep, torch.isin(torch.arange(keep.numel()) % heads, plan.members[:, 0])):
+        raise FoldError("a per-head operand does not line up with the heads")
     owner = _module(gm, plan.site.path)
-    kept_positions = keep.nonzero().flatten()
-    if fold_qk == "first" or plan.members.shape[1] == 1 or kept_positions.numel() != plan.members.shape[0]:
-        name = register(owner, plan.site.path, "head_index", kept_positions, buffer=True)
-        return graph.call_function(aten.index_select.default, (ext, dim, graph.get_attr(name)))
+    x = graph.call_function(aten.unflatten.int, (ext, dim, [-1, heads])) if merged else ext
+    head_dim = dim + 1 if merged else dim
+    columns = range(plan.members.shape[1]) if fold_qk == "mean" else range(1)
     picks = []
-    for column in range(plan.members.shape[1]):
+    for column in columns:
         name = register(owner, plan.site.path, "head_index", plan.members[:, column].clone(), buffer=True)
-        picks.append(graph.call_function(aten.index_select.default, (ext, dim, graph.get_attr(name))))
-    return graph.call_function(aten.mean.dim, (graph.call_function(aten.stack.default, (picks,)), [0]))
+        picks.append(graph.call_function(aten.index_select.default, (x, head_dim, graph.get_attr(name))))
+    x = picks[0] if len(picks) == 1 else graph.call_function(
+        aten.mean.dim, (graph.call_function(aten.stack.default, (picks,)), [0]))
+    return graph.call_function(aten.flatten.using_ints, (x, dim, dim + 1)) if merged else x
 
 
 def _module(gm, path):
