@@ -47,14 +47,15 @@ def _skips(model, args=None):
     return analysis.sites, [(s.op, s.reason) for s in analysis.skipped]
 
 
-def _assert_not_rewritten(model, reason_fragment: str, args=None):
-    """No site; each softmax/SDPA skipped with a reason; convert refuses with that reason."""
+def _assert_not_rewritten(model, reason_fragment: str, args=None, convert: bool = False):
+    """No site; each softmax/SDPA skipped with a reason; with `convert`, convert refuses with it."""
     sites, skipped = _skips(model, args)
     assert not sites, [s.path for s in sites]
     assert skipped and all(reason for _, reason in skipped)
     assert any(reason_fragment in reason for _, reason in skipped), skipped
-    with pytest.raises(switchhead.NoAttentionError, match="skipped"):
-        switchhead.convert(model, args or (_x(),))
+    if convert:
+        with pytest.raises(switchhead.NoAttentionError, match=reason_fragment):
+            switchhead.convert(model, args or (_x(),))
 
 
 # ----------------------------------------------------------------------- classification and routers
@@ -118,7 +119,7 @@ class LearnedMemorySlots(nn.Module):
 
 
 def test_classification_softmax_is_not_attention():
-    _assert_not_rewritten(ClassifierHead(), "not attention")
+    _assert_not_rewritten(ClassifierHead(), "not attention", convert=True)
 
 
 @pytest.mark.parametrize("router", [SoftmaxRouterMoE, SoftmaxRouterMoE4D], ids=["unsqueezed", "4d"])

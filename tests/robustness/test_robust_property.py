@@ -14,7 +14,7 @@ from attention_gen import Spec
 PROFILE = settings.get_profile("switchhead-robustness")
 
 
-@settings(PROFILE, max_examples=gen.examples(80))
+@settings(PROFILE, max_examples=gen.examples(50))
 @given(gen.specs())
 def test_generated_attention_is_rewritten_exactly_or_skipped_with_a_reason(spec: Spec):
     outcome = gen.check(spec)
