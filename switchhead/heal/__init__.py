@@ -1,0 +1,16 @@
+"""Healing: distill the dense original into its folded SwitchHead student (issue 7).
+
+    from switchhead.heal import heal, HealConfig, data
+    result = heal(student, teacher, data.pack_files(files, tokenizer, 256), steps=500, lr=3e-4)
+"""
+
+from switchhead.heal import data
+from switchhead.heal.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from switchhead.heal.config import HealConfig
+from switchhead.heal.data import HealData, PackedTokens, Sentences, pack_files, split_files, text_lines
+from switchhead.heal.distill import HealInterrupted, HealResult, heal
+
+__all__ = [
+    "CheckpointError", "HealConfig", "HealData", "HealInterrupted", "HealResult", "PackedTokens", "Sentences",
+    "data", "heal", "latest_checkpoint", "load_checkpoint", "pack_files", "split_files", "text_lines",
+]
