@@ -9,8 +9,9 @@ from switchhead.heal.checkpoint import CheckpointError, latest_checkpoint, load_
 from switchhead.heal.config import HealConfig
 from switchhead.heal.data import HealData, PackedTokens, Sentences, pack_files, split_files, text_lines
 from switchhead.heal.distill import HealInterrupted, HealResult, heal
+from switchhead.heal.recipes import heal_on_files
 
 __all__ = [
     "CheckpointError", "HealConfig", "HealData", "HealInterrupted", "HealResult", "PackedTokens", "Sentences",
-    "data", "heal", "latest_checkpoint", "load_checkpoint", "pack_files", "split_files", "text_lines",
+    "data", "heal", "heal_on_files", "latest_checkpoint", "load_checkpoint", "pack_files", "split_files", "text_lines",
 ]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import switchhead
-from switchhead.heal import HealConfig, HealInterrupted, heal, latest_checkpoint
+from heal_helpers import CharTokenizer
+from switchhead.heal import HealConfig, HealInterrupted, heal, heal_on_files, latest_checkpoint
 from zoo import ZOO_BY_NAME
 
 FOLD = switchhead.SwitchHeadConfig(init="fold", num_heads=2, top_k=2)
@@ -134,3 +135,12 @@ def test_kl_on_an_encoder_is_refused():
     teacher = case.build()
     with pytest.raises(ValueError, match="logits"):
         heal(copy.deepcopy(teacher), teacher, _BertSentences(), config=_cfg(steps=1, loss="kl"))
+
+
+def test_heal_on_files_packs_text_and_holds_out_whole_files(llama, tmp_path):
+    teacher, folded = llama
+    for i in range(30):
+        (tmp_path / f"doc{i}.txt").write_text(f"document number {i}: " + "some healing text. " * 20)
+    result = heal_on_files(copy.deepcopy(folded), teacher, [tmp_path], CharTokenizer(), config=_cfg(steps=2),
+                           held_out=0.2, eval_samples=4)
+    assert result.steps == 2 and result.evals[-1]["eval_samples"] == 4 and result.evals[-1]["ppl"] > 1
