@@ -101,7 +101,9 @@ def convert(
     same_function = all(p.num_heads == s.num_heads and p.weights.v_experts.shape[1] == 1
                         for p, s in zip(plans, analysis.sites)) if config.init == "fold" else config.init == "upcycle"
     step("verify")
-    error = _verify(gm, analysis, config.verify_rtol, exact=same_function and config.verify)
+    exact = same_function and config.verify
+    rtol = (config.verify_rtol if config.verify_rtol is not None else default_rtol(analysis.reference_output)) if exact else None
+    error = _verify(gm, analysis, rtol, exact=exact)
     notes = []
     if config.init == "fold" and not same_function:
         notes.append("init='fold' is lossy: the folded heads only approximate the dense model; heal it "
@@ -109,7 +111,7 @@ def convert(
     gm.meta[REPORT_KEY] = ConversionReport.build(
         analysis.sites, analysis.skipped, plans, config=config.to_dict(),
         dynamic_shapes=analysis.captured.dynamic, static_reason=analysis.captured.static_reason,
-        rewrites=2 * len(plans), verify_max_error=error, parameters_before=parameters_before,
+        rewrites=2 * len(plans), verify_max_error=error, verify_rtol=rtol, parameters_before=parameters_before,
         parameters_after=sum(p.numel() for p in gm.parameters()), notes=notes,
     )
     return gm
@@ -143,7 +145,14 @@ def max_relative_error(expected: Any, actual: Any) -> float:
     return worst
 
 
-def _verify(gm: torch.fx.GraphModule, analysis: Analysis, rtol: float, exact: bool) -> float | None:
+def default_rtol(output: Any) -> float:
+    """1e-5, or twice the rounding error of the least precise floating output (fp16, bf16)."""
+    dtypes = [t.dtype for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return max([1e-5] + [2 * torch.finfo(d).eps for d in dtypes])
+
+
+def _verify(gm: torch.fx.GraphModule, analysis: Analysis, rtol: float | None, exact: bool) -> float | None:
+    """`rtol` is required when `exact`."""
     """Run the converted model on the example inputs. Its outputs must have the original's
     structure and shapes; when it should compute the same function (`exact`), the same values."""
     captured = analysis.captured

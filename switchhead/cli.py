@@ -418,7 +418,7 @@ def _print_summary(out: Console, result: dict[str, Any]) -> None:
         before, after = result["parameters_before"], result["parameters_after"]
         rows.append(("parameters", f"{_count(before)} -> {_count(after)} (+{_count(after - before)})"))
         if result["verify_max_error"] is not None:
-            rows.append(("verified", f"max relative error {result['verify_max_error']:.2e} (limit {config['verify_rtol']:g})"))
+            rows.append(("verified", f"max relative error {result['verify_max_error']:.2e} (limit {result['verify_rtol']:g})"))
         else:
             rows.append(("verified", f"outputs' structure and shapes only (init={config['init']} changes the function)"))
     shapes = "dynamic (other batch / sequence sizes work)" if result["dynamic_shapes"] else \

@@ -25,6 +25,7 @@ class ConversionReport:
     static_reason: str | None
     rewrites: int
     verify_max_error: float | None
+    verify_rtol: float | None  # the limit verification applied (None: not checked)
     parameters_before: int
     parameters_after: int
     versions: dict[str, str]

@@ -26,6 +26,8 @@ from switchhead.graph.ops import CAST_OPS, LAYOUT_OPS, NOOP_OPS, is_pointwise
 
 aten = torch.ops.aten
 _ROW_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.var.correction, aten.norm.ScalarOpt_dim}
+# Normalisations over the trailing `normalized_shape` dims (q/k norms of timm, OLMo, Qwen3).
+_ROW_NORMS = {aten.layer_norm.default, aten.rms_norm.default}
 
 
 class ProvenanceError(Exception):
@@ -112,6 +114,12 @@ def _replay_node(node: torch.fx.Node, prov: dict, values: dict, mode: str) -> An
             parts = [prov[a] if a in prov else torch.full(values[a].shape, -1, dtype=torch.long) for a in node.args[0]]
             return target(parts, *args[1:], **kwargs)
         return target(*args, **kwargs)
+    if mode in ("lenient", "rows") and target in _ROW_NORMS:
+        source = prov[node.args[0]]
+        trailing = list(range(source.dim() - len(node.args[1]), source.dim()))
+        if mode == "lenient" or torch.equal(source.amax(trailing, keepdim=True).expand_as(source), source):
+            return source
+        raise ProvenanceError(f"{describe(node)} normalises across rows")
     if mode == "lenient":
         shape = values[node].shape
         if is_pointwise(target) or target is aten.dropout.default:

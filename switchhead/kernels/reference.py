@@ -17,10 +17,19 @@ from torch import Tensor
 
 
 def dense_gates(expert_index: Tensor, gates: Tensor, num_experts: int, dtype: torch.dtype) -> Tensor:
-    """Scatter the chosen gates [N, H, k] into G [N, H, E]; unchosen experts get 0."""
+    """Scatter the chosen gates [N, H, k] into G [N, H, E]; unchosen experts get 0 (an expert
+    chosen twice in a row gets the sum of its gates)."""
     n, h, _ = expert_index.shape
     dense = torch.zeros(n, h, num_experts, dtype=dtype, device=gates.device)
-    return dense.scatter(2, expert_index, gates.to(dtype))
+    return dense.scatter_add(2, expert_index, gates.to(dtype))
+
+
+def chosen_mask(expert_index: Tensor, num_experts: int) -> Tensor:
+    """[N, H, E] True where the expert was chosen: unchosen experts must contribute exactly
+    nothing, even non-finite values (0 * inf would be NaN)."""
+    n, h, _ = expert_index.shape
+    mask = torch.zeros(n, h, num_experts, dtype=torch.bool, device=expert_index.device)
+    return mask.scatter(2, expert_index, True)
 
 
 def _all_expert_values(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -43,7 +52,8 @@ def expert_v_reference(
     h, e, _, dh = weight.shape
     g = dense_gates(expert_index, gates, e, x.dtype)  # [N, H, E]
     values = _all_expert_values(x, weight, bias)  # [N, H, E, dh]
-    return (values * g.unsqueeze(-1)).sum(2).reshape(-1, h * dh)
+    gated = torch.where(chosen_mask(expert_index, e).unsqueeze(-1), values * g.unsqueeze(-1), 0)
+    return gated.sum(2).reshape(-1, h * dh)
 
 
 def expert_v_backward_reference(
@@ -72,7 +82,10 @@ def expert_o_reference(attn: Tensor, weight: Tensor, expert_index: Tensor, gates
     h, e, dh, d_out = weight.shape
     g = dense_gates(expert_index, gates, e, attn.dtype)  # [N, H, E]
     gated = attn.unsqueeze(2) * g.unsqueeze(-1)  # [N, H, E, dh]
-    return gated.reshape(-1, h * e * dh) @ weight.reshape(h * e * dh, d_out)
+    # Only the chosen experts' weights enter: an unchosen non-finite expert stays out of the sum.
+    chosen = chosen_mask(expert_index, e).any(0)  # [H, E]: experts some token chose
+    flat_weight = torch.where(chosen[..., None, None], weight, 0).reshape(h * e * dh, d_out)
+    return gated.reshape(-1, h * e * dh) @ flat_weight
 
 
 def expert_o_backward_reference(

@@ -43,6 +43,10 @@ from switchhead.site import AttentionSite, SkippedSite
 aten = torch.ops.aten
 _PASS_THROUGH = LAYOUT_OPS | CAST_OPS | NOOP_OPS | {aten.dropout.default}
 _MAX_SCORE_DEPTH = 24
+# Reshapes between the score product, the softmax and the value product (HF Bloom views its
+# [B*H, T, S] scores as [B, H, T, S] around the softmax).
+_SCORE_LAYOUT = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
+                 aten.contiguous.default}
 
 
 class SiteRejected(Exception):
@@ -165,7 +169,7 @@ def _softmax_core(graph: _Graph, softmax: torch.fx.Node) -> tuple[Any, Any, Any,
                 continue
             if user.target in MATMUL_OPS and _operands(user)[0] is current:
                 products.append(user)
-            elif user.target in CAST_OPS | NOOP_OPS | {aten.dropout.default, aten.clone.default, aten.contiguous.default}:
+            elif user.target in CAST_OPS | NOOP_OPS | _SCORE_LAYOUT | {aten.dropout.default}:
                 frontier.append(user)
     if len(products) != 1:
         raise SiteRejected(
@@ -182,12 +186,13 @@ def _softmax_core(graph: _Graph, softmax: torch.fx.Node) -> tuple[Any, Any, Any,
         if node.target in MATMUL_OPS:
             query, key = _operands(node)
             return query, key, _operands(product)[1], product
-        if not (is_pointwise(node.target) or node.target in CAST_OPS | NOOP_OPS):
+        if not (is_pointwise(node.target) or node.target in CAST_OPS | NOOP_OPS | _SCORE_LAYOUT):
             break
         rank = graph.values[node].dim()
-        scores_like = [a for a in node.all_input_nodes
-                       if isinstance(graph.values.get(a), torch.Tensor) and graph.values[a].dim() == rank
-                       and not graph.is_parameter_derived(a)]
+        scores_like = [node.args[0]] if node.target in _SCORE_LAYOUT else [
+            a for a in node.all_input_nodes
+            if isinstance(graph.values.get(a), torch.Tensor) and graph.values[a].dim() == rank
+            and not graph.is_parameter_derived(a)]
         if not scores_like:
             break
         node = scores_like[0]

@@ -184,7 +184,9 @@ def _rewrite_site(gm, values, site: AttentionSite, plan: SitePlan, config: Switc
 def _router(graph: torch.fx.Graph, x2: torch.fx.Node, router_name: str, heads: int, num_experts: int, top_k: int):
     """fp32 logits [N, heads*E] -> top-k per head -> (expert index [N, heads, k], gates [N, heads, k])."""
     x32 = graph.call_function(aten._to_copy.default, (x2,), {"dtype": torch.float32})
-    logits = graph.call_function(aten.linear.default, (x32, graph.get_attr(router_name)))
+    # The router stays fp32 even when the module is later cast to half precision.
+    w32 = graph.call_function(aten._to_copy.default, (graph.get_attr(router_name),), {"dtype": torch.float32})
+    logits = graph.call_function(aten.linear.default, (x32, w32))
     logits = graph.call_function(aten.reshape.default, (logits, [-1, heads, num_experts]))
     top = graph.call_function(aten.topk.default, (logits, top_k))
     top.meta[ROUTER_META] = router_name

@@ -422,8 +422,6 @@ def check(spec: Spec) -> Outcome:
 # strict-xfail reproduction in test_robust_property.py; fixing the bug flips that test to XPASS, and
 # then the entry here must go (the property test then demands the site is found).
 KNOWN_MISSES = {
-    "softmax_view_bmm": "test_bug_scores_viewed_4d_around_softmax_are_found",
-    "qk_layer_norm": "test_bug_layer_norm_on_q_and_k_is_found",
     "einsum_mqa_broadcast": "test_bug_einsum_mqa_with_3d_key_is_found",
     "merged_gqa": "test_bug_gqa_over_merged_batch_heads_is_found",
 }
@@ -432,10 +430,6 @@ KNOWN_MISSES = {
 def known_misses(spec: Spec) -> set[str]:
     """The KNOWN_MISSES that apply to `spec` (empty: every attention of `spec` must be found)."""
     found = set()
-    if spec.core == "bmm4":
-        found.add("softmax_view_bmm")
-    if {"qk_norm_head", "qk_norm_full", "qk_rms_head"} & set(spec.extras):
-        found.add("qk_layer_norm")
     if spec.core == "einsum" and spec.gqa == "broadcast" and spec.kv_heads == 1 < spec.heads:
         found.add("einsum_mqa_broadcast")
     if spec.core in ("bmm", "baddbmm", "bmm4") and spec.kv_heads < spec.heads:

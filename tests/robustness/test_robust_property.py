@@ -58,19 +58,12 @@ def _must_be_found(spec: Spec):
     assert len(outcome.sites) == spec.blocks, outcome.skipped
 
 
-@pytest.mark.xfail(strict=True, reason="bug: detect_attention._softmax_core walks from the softmax to the "
-                   "AV product only through casts/dropout/clone, and back to the QK product only through "
-                   "pointwise ops, so HF Bloom's scores.view(B, H, T, S) -> softmax -> view(B*H, T, S) -> bmm "
-                   "is skipped ('softmax output does not multiply a value tensor')")
-def test_bug_scores_viewed_4d_around_softmax_are_found():
+def test_scores_viewed_4d_around_softmax_are_found():
     _must_be_found(Spec(heads=2, kv_heads=2, head_dim=4, d_model=8, core="bmm4"))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: provenance._replay_node in 'rows' mode has no rule for "
-                   "aten.layer_norm / aten.rms_norm (they normalise within a row), so nn.LayerNorm / "
-                   "nn.RMSNorm on q or k (timm qk_norm, OLMo, Qwen3 style) rejects the query path")
 @pytest.mark.parametrize("norm", ["qk_norm_head", "qk_norm_full", "qk_rms_head"])
-def test_bug_layer_norm_on_q_and_k_is_found(norm):
+def test_layer_norm_on_q_and_k_is_found(norm):
     _must_be_found(Spec(heads=2, kv_heads=2, head_dim=4, d_model=8, extras=(norm,)))
 
 
