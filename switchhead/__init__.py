@@ -27,7 +27,20 @@ from switchhead.errors import (
 from switchhead.report import ConversionReport
 from switchhead.site import AttentionSite, SkippedSite
 
+_ONNX_NAMES = ("export_onnx", "OnnxExport", "OnnxExportError")
+
+
+def __getattr__(name: str):
+    """ONNX export needs the optional `onnx` extras: imported on first use, not with the package."""
+    if name in _ONNX_NAMES:
+        from switchhead.exporters import onnx as onnx_exporter
+
+        return getattr(onnx_exporter, name)
+    raise AttributeError(f"module 'switchhead' has no attribute {name!r}")
+
+
 __all__ = [
+    "export_onnx", "OnnxExport", "OnnxExportError",
     "AttentionCosts", "AttentionGeometry", "AttentionSite", "CaptureError", "ConfigMismatchError", "ConversionReport", "LoadError",
     "MissingInputsError", "NoAttentionError", "SaveError", "SiteCosts", "SkippedSite", "SwitchHeadConfig",
     "SwitchHeadError", "VerificationError", "analyze", "attention_costs", "convert", "expert_usage",

@@ -79,6 +79,7 @@ STEP_LABELS = {
     "rewrite": "Rewriting into SwitchHead attention",
     "verify": "Verifying against the original model",
     "save": "Saving to {output} and checking the saved program",
+    "onnx": "Exporting ONNX to {onnx} and checking it in onnxruntime",
 }
 
 
@@ -148,6 +149,10 @@ class Steps:
 @click.option("--filter", "module_filter", metavar="REGEX", help="Only rewrite attention whose module path matches (re.search).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("switchhead_out"), show_default=True,
               help="Output directory.")
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path, dir_okay=False), metavar="PATH",
+              help="Also export the converted model to ONNX (ai.switchhead custom ops with standard-op "
+                   "functions) and check it in onnxruntime.")
+@click.option("--onnx-inline", is_flag=True, help="With --onnx: standard ONNX ops only (no custom domain).")
 @click.option("--dry-run", is_flag=True, help="Only find and report the attention; write nothing.")
 @click.option("--report-json", type=click.Path(path_type=Path, dir_okay=False), metavar="PATH",
               help="Also write the report to PATH.")
@@ -160,7 +165,8 @@ class Steps:
 @click.option("--traceback", "show_traceback", is_flag=True, help="Show the Python traceback of an error.")
 @click.pass_context
 def main(ctx: click.Context, model_file: Path, experts: int | None, top_k: int, init: str, heads: int | None,
-         fold_qk: str, seq_len: int, module_filter: str | None, output: Path, dry_run: bool, report_json: Path | None,
+         fold_qk: str, seq_len: int, module_filter: str | None, output: Path, onnx_path: Path | None,
+         onnx_inline: bool, dry_run: bool, report_json: Path | None,
          quiet: bool, as_json: bool, seed: int, force: bool, entry: str | None, inputs_name: str | None,
          show_traceback: bool) -> int:
     """Rewrite every multi-head attention of the model in MODEL_FILE into SwitchHead attention
@@ -171,8 +177,10 @@ def main(ctx: click.Context, model_file: Path, experts: int | None, top_k: int, 
     steps = Steps(Console(stderr=True, highlight=False) if show else None,
                   {"file": str(model_file), "output": str(output)})
     try:
+        if onnx_inline and onnx_path is None:
+            raise CliError("--onnx-inline needs --onnx PATH", ExitCode.USAGE)
         if dry_run:
-            for name in ("output", "force"):
+            for name in ("output", "force", "onnx_path"):
                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
                     raise CliError(f"--{name} has no effect with --dry-run", ExitCode.USAGE)
         config = _config(experts, top_k, init, heads, fold_qk, module_filter, seed)
@@ -180,7 +188,8 @@ def main(ctx: click.Context, model_file: Path, experts: int | None, top_k: int, 
             raise CliError(f"--seq-len must be at least 1, got {seq_len}", ExitCode.USAGE)
         if not dry_run:
             _check_output(output, force)
-        result = _run(model_file, entry, inputs_name, config, output, dry_run, force, steps, out, seq_len)
+        result = _run(model_file, entry, inputs_name, config, output, dry_run, force, steps, out, seq_len,
+                      onnx_path, onnx_inline)
         result["timings_s"] = {k: round(v, 3) for k, v in steps.timings.items()}
         result["timings_s"]["total"] = round(sum(steps.timings.values()), 3)
         if report_json is not None:
@@ -233,7 +242,8 @@ def _check_output(output: Path, force: bool) -> None:
 
 
 def _run(model_file: Path, entry: str | None, inputs_name: str | None, config, output: Path, dry_run: bool,
-         force: bool, steps: Steps, out: Console | None, seq_len: int) -> dict[str, Any]:
+         force: bool, steps: Steps, out: Console | None, seq_len: int, onnx_path: Path | None = None,
+         onnx_inline: bool = False) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     steps.start("load")
     loaded = load_model_file(model_file, entry, inputs_name)
@@ -256,8 +266,30 @@ def _run(model_file: Path, entry: str | None, inputs_name: str | None, config, o
     except OSError as exc:
         raise CliError(f"cannot write {output}: {exc.strerror or exc}", ExitCode.OUTPUT) from exc
     steps.done()
-    return {**report.to_dict(), "dry_run": False, "source": str(model_file), "output": str(target),
-            "output_files": sorted(p.name for p in target.iterdir())}
+    result = {**report.to_dict(), "dry_run": False, "source": str(model_file), "output": str(target),
+              "output_files": sorted(p.name for p in target.iterdir())}
+    if onnx_path is not None:
+        result["onnx"] = _export_onnx(converted, (loaded.args, loaded.kwargs), onnx_path, onnx_inline, steps)
+    return result
+
+
+def _export_onnx(converted, inputs, path: Path, inline: bool, steps: Steps) -> dict[str, Any]:
+    """Export to ONNX and check it in onnxruntime (needs the `onnx` extras)."""
+    steps.names["onnx"] = str(path)
+    steps.start("onnx")
+    try:
+        from switchhead.exporters.onnx import export_onnx
+    except ImportError as exc:
+        raise CliError(f"--onnx needs the onnx extras: pip install 'switchhead-rewrite[onnx]' ({exc})",
+                       ExitCode.USAGE) from exc
+    args, kwargs = inputs
+    try:
+        exported = export_onnx(converted, path, args, kwargs, inline=inline)
+    except OSError as exc:
+        raise CliError(f"cannot write --onnx {path}: {exc.strerror or exc}", ExitCode.OUTPUT) from exc
+    steps.done()
+    return {"path": str(exported.path), "inline": exported.inline, "custom_nodes": exported.custom_nodes,
+            "functions": list(exported.functions), "verify_errors": exported.verify_errors}
 
 
 def _convert(loaded, config, steps: Steps):
@@ -426,6 +458,11 @@ def _print_summary(out: Console, result: dict[str, Any]) -> None:
     rows.append(("shapes", shapes))
     if not result["dry_run"]:
         rows.append(("saved", f"{result['output']} ({', '.join(result['output_files'])})"))
+    if "onnx" in result:
+        onnx = result["onnx"]
+        errors = ", ".join(f"{k} {v:.1e}" for k, v in onnx["verify_errors"].items())
+        form = "standard ops only" if onnx["inline"] else f"custom ops {onnx['custom_nodes']}"
+        rows.append(("onnx", f"{onnx['path']} ({form}; onnxruntime vs PyTorch: {errors})"))
     timings = result["timings_s"]
     rows.append(("timings", " · ".join(f"{k} {v:.2f} s" for k, v in timings.items())))
     for key, value in rows:

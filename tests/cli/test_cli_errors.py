@@ -210,3 +210,9 @@ def test_heads_the_model_cannot_fold_to_is_a_usage_error(run_cli, tmp_path):
     result = run_cli(examples / "llama_small.py", "--init", "fold", "--heads", "3", "-o", tmp_path / "out")
     assert_failed(result, ExitCode.USAGE, "cannot fold the heads of model.layers.0.self_attn")
     assert not (tmp_path / "out").exists()
+
+
+def test_onnx_inline_without_onnx_is_a_usage_error(run_cli, write_model, tmp_path):
+    assert_failed(run_cli(write_model(), "--onnx-inline", "-o", tmp_path / "out"), ExitCode.USAGE,
+                  "--onnx-inline needs --onnx PATH")
+    assert not (tmp_path / "out").exists()

@@ -154,3 +154,14 @@ def test_fold_cost_table_in_human_output(run_cli, write_model, tmp_path):
     result = run_cli(write_model(), "--init", "fold", "--heads", "1", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.stderr
     assert "Attention cost" in result.stdout and "after/before" in result.stdout and "lossy" in result.stdout
+
+
+def test_onnx_export_from_the_command_line(run_cli, write_model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    onnx_file = tmp_path / "model.onnx"
+    result = run_cli(write_model(), "-o", tmp_path / "out", "--onnx", onnx_file, "--json")
+    assert result.exit_code == 0, result.stderr
+    exported = json.loads(result.stdout)["onnx"]
+    assert onnx_file.exists() and not exported["inline"]
+    assert sum(exported["custom_nodes"].values()) == 4  # 2 attentions x (V, O)
+    assert exported["verify_errors"] and max(exported["verify_errors"].values()) < 1e-4
