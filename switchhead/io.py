@@ -17,6 +17,7 @@ safetensors file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -101,6 +102,7 @@ def save(
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "files": {"program": PROGRAM_FILE, "weights": WEIGHTS_FILE},
+            "sha256": {name: _sha256(stage / name) for name in (PROGRAM_FILE, WEIGHTS_FILE)},
             "program_dynamic_shapes": static_reason is None,
             "program_static_reason": static_reason,
             "device": device,
@@ -299,6 +301,7 @@ def load(directory: str | os.PathLike[str], *, device: str | torch.device | None
     manifest = read_manifest(root)
     program_path = root / manifest["files"]["program"]
     check_archive_is_data_only(program_path)
+    check_checksums(root, manifest)
     try:
         with warnings.catch_warnings():  # torch 2.11 warns that the (read-only) placeholders are not writable
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -335,7 +338,25 @@ def read_manifest(root: Path) -> dict[str, Any]:
     for name in (PROGRAM_FILE, WEIGHTS_FILE):
         if not (root / name).is_file():
             raise LoadError(f"{root} is incomplete: {name} is missing")
+    if not isinstance(manifest.get("sha256"), dict):
+        raise LoadError(f"{report} records no checksums of the program and weights")
     return manifest
+
+
+def check_checksums(root: Path, manifest: dict[str, Any]) -> None:
+    """The program and weights are the bytes `save` wrote (sha256 recorded in report.json)."""
+    for name in (PROGRAM_FILE, WEIGHTS_FILE):
+        if manifest["sha256"].get(name) != _sha256(root / name):
+            raise LoadError(f"{root / name} does not match the checksum in {REPORT_FILE}: it was changed or damaged "
+                            "after saving; save the model again")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_archive_is_data_only(path: Path) -> None:
