@@ -88,13 +88,18 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, data: HealData | to
     every evaluation. Parameters of a GraphModule student that its graph never reads (the dense
     Q/K/V weights that folding replaced) are frozen. Ctrl-C or SIGTERM finishes the current step,
     writes a checkpoint and raises HealInterrupted.
+
+    Under torchrun heal() starts the process group when none exists and ends it on return, except
+    with strategy="fsdp": the student then stays sharded across the processes (gather it with
+    torch.distributed.checkpoint.state_dict.get_model_state_dict) and the caller ends the group.
     """
     cfg = dataclasses.replace(config or HealConfig(), **overrides) if overrides else (config or HealConfig())
     info, device = D.setup(cfg.device, student)
     try:
         return _Run(student, teacher, data, eval_data, cfg, info, device, log).run()
     finally:
-        D.teardown(info)
+        if cfg.strategy != "fsdp":  # an FSDP student stays sharded: its weights need the group
+            D.teardown(info)
 
 
 def _used_parameter_names(module: torch.nn.Module) -> set[str] | None:
@@ -158,8 +163,9 @@ class _Run:
         self.sampler = Sampler(len(self.data), cfg.seed)
         self.global_batch = cfg.batch_size * info.world
         self.model = D.wrap(self.student, cfg.strategy, device, info)
-        groups = [{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                  {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}]
+        params = [p for p in self.student.parameters() if p.requires_grad]  # FSDP2 replaced them with shards
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr_at(0), betas=cfg.betas)
         self.compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
         self.call_student = torch.compile(self.model) if self.compile else self.model
