@@ -42,6 +42,7 @@ FORMAT = "switchhead-rewrite"
 FORMAT_VERSION = 1
 PROGRAM_FILE = "model.pt2"
 WEIGHTS_FILE = "model.safetensors"
+METADATA_KEY = "switchhead"  # the one safetensors metadata entry: JSON of format, version, aliases
 REPORT_FILE = "report.json"
 OUTPUT_FILES = (WEIGHTS_FILE, PROGRAM_FILE, REPORT_FILE)  # in the order they are moved into place
 
@@ -256,8 +257,10 @@ def _write_weights(program: torch.export.ExportedProgram, path: Path) -> None:
                 value = value.clone()
             storages.add((value.device, value.untyped_storage().data_ptr()))
         stored[name] = value
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "aliases": json.dumps(aliases, sort_keys=True)}
-    save_file(stored, str(path), metadata=metadata)
+    # One metadata key: safetensors keeps the metadata in a hash map, so several keys would be
+    # written in a different order from run to run (and the file's bytes would differ).
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "aliases": aliases}
+    save_file(stored, str(path), metadata={METADATA_KEY: json.dumps(header, sort_keys=True)})
 
 
 def _write_program(program: torch.export.ExportedProgram, path: Path) -> None:
@@ -399,9 +402,13 @@ def _read_weights(path: Path, device: str | torch.device) -> dict[str, torch.Ten
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as exc:
         raise LoadError(f"{path} is not a readable safetensors file: {exc}") from None
-    if metadata.get("format") != FORMAT:
+    try:
+        header = json.loads(metadata.get(METADATA_KEY, "{}"))
+    except ValueError:
+        raise LoadError(f"{path} has unreadable {METADATA_KEY} metadata") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT or not isinstance(header.get("aliases", {}), dict):
         raise LoadError(f"{path} was not written by {FORMAT}")
-    for alias, name in json.loads(metadata.get("aliases", "{}")).items():
+    for alias, name in header.get("aliases", {}).items():
         if name not in tensors:
             raise LoadError(f"{path}: alias {alias} names a missing tensor {name}")
         tensors[alias] = tensors[name]
