@@ -150,11 +150,12 @@ def build_data(args, tokenizer):
     return train, held, len(train_files), len(eval_files)
 
 
-def run_method(method: str, teacher, example, train, held, cfg: HealConfig, heads: int) -> dict[str, Any]:
+def run_method(method: str, teacher, example, train, held, cfg: HealConfig, heads: int, top_k: int = 2,
+               fold_qk: str = "mean") -> dict[str, Any]:
     start = time.perf_counter()
     if method == "fold":
         student = switchhead.convert(teacher, (), example, config=switchhead.SwitchHeadConfig(
-            init="fold", num_heads=heads, top_k=2, fold_qk="mean"))
+            init="fold", num_heads=heads, top_k=top_k, fold_qk=fold_qk))
         costs = switchhead.report_of(student).cost_table(cfg.seq_len)
     else:
         student, costs = prune_heads(teacher, heads), None
@@ -203,6 +204,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--loss", default="auto")
+    parser.add_argument("--top-k", type=int, default=2, help="experts active per head (fold)")
+    parser.add_argument("--fold-qk", choices=("mean", "first"), default="mean")
     parser.add_argument("--train-only", default="encoder|layers", help="regex of trained parameters ('' = all)")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-samples", type=int, default=512)
@@ -210,8 +213,17 @@ def main() -> None:
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--tag", default="")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--plot-only", nargs="+", type=Path, metavar="JSON",
+                        help="only draw the curves of earlier runs' JSON files (e.g. fold and prune run apart)")
     args = parser.parse_args()
     setup = SETUPS[args.model]
+    if args.plot_only:
+        runs = [run for path in args.plot_only for run in json.loads(path.read_text())["results"]]
+        plot(runs, setup, args.out / f"heal_{args.model}{args.tag}.png")
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     teacher, tokenizer = (load_minilm if args.model == "minilm" else load_smollm2)()
     train, held, n_train, n_eval = build_data(args, tokenizer)
@@ -220,7 +232,8 @@ def main() -> None:
     cfg = HealConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, batch_size=args.batch_size, seq_len=args.seq_len,
                      loss=args.loss, train_only=args.train_only or None, eval_every=args.eval_every, eval_samples=args.eval_samples, device=args.device,
                      compile={"auto": None, "on": True, "off": False}[args.compile], log_every=10)
-    results = [run_method(m, teacher, example, train, held, cfg, setup.heads) for m in args.methods.split(",")]
+    results = [run_method(m, teacher, example, train, held, cfg, setup.heads, args.top_k, args.fold_qk)
+               for m in args.methods.split(",")]
     better = max if setup.metric == "cosine" else min
     print(f"\n{setup.name}, {cfg.steps} steps x {cfg.batch_size} on {args.device}; held-out {setup.metric}")
     print(f"{'method':8} {'unhealed':>10} {'healed':>10} {'best':>10} {'tokens':>10} {'time (s)':>9}")

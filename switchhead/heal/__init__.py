@@ -4,6 +4,9 @@
     result = heal(student, teacher, data.pack_files(files, tokenizer, 256), steps=500, lr=3e-4)
 """
 
+import sys
+import types
+
 from switchhead.heal import data
 from switchhead.heal.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from switchhead.heal.config import HealConfig
@@ -15,3 +18,14 @@ __all__ = [
     "CheckpointError", "HealConfig", "HealData", "HealInterrupted", "HealResult", "PackedTokens", "Sentences",
     "data", "heal", "heal_on_files", "latest_checkpoint", "load_checkpoint", "pack_files", "split_files", "text_lines",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    """`switchhead.heal(student, teacher, data, ...)` calls heal(); `switchhead.heal.HealConfig` and
+    the other names stay reachable: the verb and its package share one name."""
+
+    def __call__(self, *args, **kwargs) -> HealResult:
+        return heal(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

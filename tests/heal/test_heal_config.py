@@ -38,3 +38,10 @@ def test_round_trips_through_json():
     assert HealConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError, match="unknown"):
         HealConfig.from_dict({"stepz": 3})
+
+
+def test_the_package_is_the_verb():
+    import switchhead.heal
+    from switchhead.heal import heal
+
+    assert callable(switchhead.heal) and switchhead.heal.heal is heal and switchhead.heal.HealConfig is HealConfig
