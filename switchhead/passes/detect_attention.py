@@ -320,6 +320,8 @@ def _trace_site(graph: _Graph, node: torch.fx.Node, kind: str, path: str, module
     out_value = values[core_out]
     if not isinstance(out_value, torch.Tensor) or out_value.dim() != v_features.dim() or out_value.shape[-1] != head_dim:
         raise SiteRejected("attention output does not have the value's layout")
+    o_proj = _walk_forward_to_projection(graph, core_out)
+    o_input, o_weight, _, o_transposed = linear_parts(o_proj)
     if out_value.dim() >= 4:
         num_heads, v_heads = out_value.shape[-3], lead_shape[-1]
         per_head = class_of_lead.view(-1, v_heads)
@@ -329,15 +331,15 @@ def _trace_site(graph: _Graph, node: torch.fx.Node, kind: str, path: str, module
             raise SiteRejected("query heads are not a multiple of value heads")
         kv_of_query = per_head[0].repeat_interleave(num_heads // v_heads)
     else:
-        num_heads = num_kv_heads
-        lead = class_of_lead.view(-1, num_heads) if class_of_lead.numel() % num_heads == 0 else None
+        # [batch * H, T, dh]: the heads are what the O projection reads per token (GQA repeats the
+        # KV heads across the merged dim, so the value alone does not tell H).
+        num_heads = values[o_input].shape[-1] // head_dim
+        lead = class_of_lead.view(-1, num_heads) if num_heads and class_of_lead.numel() % num_heads == 0 else None
         if lead is None or not bool((lead == lead[0]).all()):
             raise SiteRejected("batch and head dims are merged in an unknown order")
         kv_of_query = lead[0]
 
     # Output: columns of each query head at the O projection's input.
-    o_proj = _walk_forward_to_projection(graph, core_out)
-    o_input, o_weight, _, o_transposed = linear_parts(o_proj)
     out_features, out_tokens = _core_output_ids(out_value, num_heads)
     z_features = _replay(graph, core_out, o_input, out_features, "exact", "output")
     z_tokens = _replay(graph, core_out, o_input, out_tokens, "exact", "output")

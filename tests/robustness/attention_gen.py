@@ -423,7 +423,6 @@ def check(spec: Spec) -> Outcome:
 # then the entry here must go (the property test then demands the site is found).
 KNOWN_MISSES = {
     "einsum_mqa_broadcast": "test_bug_einsum_mqa_with_3d_key_is_found",
-    "merged_gqa": "test_bug_gqa_over_merged_batch_heads_is_found",
 }
 
 
@@ -432,6 +431,4 @@ def known_misses(spec: Spec) -> set[str]:
     found = set()
     if spec.core == "einsum" and spec.gqa == "broadcast" and spec.kv_heads == 1 < spec.heads:
         found.add("einsum_mqa_broadcast")
-    if spec.core in ("bmm", "baddbmm", "bmm4") and spec.kv_heads < spec.heads:
-        found.add("merged_gqa")
     return found

@@ -74,11 +74,6 @@ def test_bug_einsum_mqa_with_3d_key_is_found():
     _must_be_found(Spec(heads=2, kv_heads=1, head_dim=4, d_model=8, core="einsum", gqa="broadcast"))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: detect_attention._trace_site assumes a rank-3 core "
-                   "([B*heads, T, dh]) has as many query heads as value heads (num_heads = num_kv_heads); "
-                   "with K/V expanded to the query heads before the merge (GQA/MQA over bmm) it rejects "
-                   "the site ('output projection input is not exactly the attention heads' or 'batch and "
-                   "head dims are merged in an unknown order')")
 @pytest.mark.parametrize("gqa", ["expand", "repeat_interleave"])
-def test_bug_gqa_over_merged_batch_heads_is_found(gqa):
+def test_gqa_over_merged_batch_heads_is_found(gqa):
     _must_be_found(Spec(heads=4, kv_heads=2, head_dim=4, d_model=16, core="bmm", gqa=gqa))
