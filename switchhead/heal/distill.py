@@ -69,6 +69,7 @@ class HealResult:
     checkpoint: str | None
     trainable_parameters: int
     frozen_unused: list[str]
+    untied: list[str] = dataclasses.field(default_factory=list)
     interrupted: bool = False
 
     @property
@@ -85,7 +86,9 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, data: HealData | to
     `__len__` and `batch(indices) -> (args, kwargs)`), or a tensor of token ids. The batches must
     be valid inputs of both models. Settings are `config` (a HealConfig) with keyword overrides,
     e.g. `heal(s, t, data, steps=500, lr=3e-4)`. `log` is called with every progress record and
-    every evaluation. Parameters of a GraphModule student that its graph never reads (the dense
+    every evaluation. Parameters the student shares with the teacher (convert() reuses the
+    original's) are copied first, so the teacher is never changed. Parameters of a GraphModule
+    student that its graph never reads (the dense
     Q/K/V weights that folding replaced) are frozen. Ctrl-C or SIGTERM finishes the current step,
     writes a checkpoint and raises HealInterrupted.
 
@@ -110,6 +113,25 @@ def _used_parameter_names(module: torch.nn.Module) -> set[str] | None:
     called = {n.target for n in module.graph.nodes if n.op == "call_module"}
     return {name for name, _ in module.named_parameters()
             if name in attrs or any(name.startswith(f"{m}.") for m in called)}
+
+
+def _untie(student: torch.nn.Module, teacher: torch.nn.Module) -> list[str]:
+    """Give the student its own copy of every parameter it shares with the teacher (convert()'s
+    GraphModule reuses the original's Parameter objects): training must not move the targets.
+    Ties inside the student stay ties. Returns the names of the parameters copied."""
+    teacher_storage = {p.data_ptr() for p in teacher.parameters()}
+    copies: dict[int, torch.nn.Parameter] = {}
+    untied = []
+    for name, param in list(student.named_parameters(remove_duplicate=False)):
+        if param.data_ptr() not in teacher_storage:
+            continue
+        if id(param) not in copies:
+            copies[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+        path, _, attr = name.rpartition(".")
+        owner = student.get_submodule(path) if path else student
+        owner._parameters[attr] = copies[id(param)]
+        untied.append(name)
+    return untied
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -144,8 +166,7 @@ class _Run:
         self.cfg, self.info, self.device, self.log = cfg, info, device, log
         self.student = student.to(device)
         self.teacher = teacher.to(device).eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.untied = _untie(self.student, self.teacher)  # the teacher runs under no_grad; its flags stay
         used = _used_parameter_names(self.student)
         self.frozen = []
         for name, p in self.student.named_parameters():
@@ -326,7 +347,7 @@ class _Run:
         if cfg.checkpoint_dir is not None and (self.last_checkpoint is None or not self.last_checkpoint.endswith(ckpt.step_name(self.step))):
             self._save()
         result = HealResult(self.student, self.step, self.tokens, self.loss_name, self.task, self.history, self.evals,
-                            self.last_checkpoint, self.trainable, self.frozen, interrupted)
+                            self.last_checkpoint, self.trainable, self.frozen, self.untied, interrupted)
         if interrupted:
             raise HealInterrupted(result)
         return result
