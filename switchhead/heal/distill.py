@@ -242,6 +242,7 @@ class _Run:
         if self.eval_data is None:
             return None
         total = len(self.eval_data) if self.cfg.eval_samples == 0 else min(len(self.eval_data), self.cfg.eval_samples)
+        total -= total % self.info.world  # equal shares: an FSDP forward is a collective on every rank
         mine = list(range(self.info.rank, total, self.info.world))
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # student sum, count, teacher sum, count
         need_teacher = self.task == "encoder" or self.teacher_metrics is None

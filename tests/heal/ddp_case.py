@@ -21,6 +21,10 @@ def tokens():
     return torch.randint(0, 64, (2048,), generator=torch.Generator().manual_seed(0))
 
 
+def held_out():
+    return torch.randint(0, 64, (7 * 16,), generator=torch.Generator().manual_seed(1))  # 7 windows: uneven shares
+
+
 def heal_config(batch_size: int) -> HealConfig:
-    return HealConfig(steps=6, lr=3e-3, warmup=2, batch_size=batch_size, loss="kl", eval_every=0, log_every=1,
+    return HealConfig(steps=6, lr=3e-3, warmup=2, batch_size=batch_size, loss="kl", eval_every=3, log_every=1,
                       progress=False, device="cpu")
