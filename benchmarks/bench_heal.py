@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 import switchhead
-from switchhead.heal import HealConfig, PackedTokens, Sentences, heal
-from switchhead.heal.data import find_text_files, split_files, tokenize_files
+from switchhead.healing import HealConfig, PackedTokens, Sentences, heal
+from switchhead.healing.data import find_text_files, split_files, tokenize_files
 
 
 @dataclasses.dataclass(frozen=True)

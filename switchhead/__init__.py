@@ -13,6 +13,7 @@ from switchhead.accounting import (
     totals,
 )
 from switchhead.api import analyze, convert, find_attention, max_relative_error, report_of
+from switchhead.healing import HealConfig, heal
 from switchhead.inspect import expert_usage
 from switchhead.io import LoadError, SaveError, load, save
 from switchhead.config import SwitchHeadConfig
@@ -41,6 +42,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "export_onnx", "OnnxExport", "OnnxExportError",
+    "HealConfig", "heal",
     "AttentionCosts", "AttentionGeometry", "AttentionSite", "CaptureError", "ConfigMismatchError", "ConversionReport", "LoadError",
     "MissingInputsError", "NoAttentionError", "SaveError", "SiteCosts", "SkippedSite", "SwitchHeadConfig",
     "SwitchHeadError", "VerificationError", "analyze", "attention_costs", "convert", "expert_usage",

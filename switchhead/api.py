@@ -81,7 +81,9 @@ def convert(
     """Rewrite every multi-head attention of `model` into SwitchHead attention.
 
     Returns an fx GraphModule with the same inputs and output structure as `model`; its report is
-    `report_of(result)`. With init="upcycle" and config.verify, the result is checked against the
+    `report_of(result)`. Like torch.export's modules, the result shares every parameter it did not
+    replace with `model`: training one trains the other, so deep-copy either if both must change
+    independently (distilling the original into the result, say). With init="upcycle" and config.verify, the result is checked against the
     original on the example inputs and a VerificationError is raised on mismatch. `progress` is
     called with the name of each step as it starts ("capture", "rewrite", "verify").
     """

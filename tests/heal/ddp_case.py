@@ -3,7 +3,7 @@
 import torch
 
 import switchhead
-from switchhead.heal import HealConfig
+from switchhead.healing import HealConfig
 from zoo import ZOO_BY_NAME
 
 PER_RANK_BATCH = 2

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ddp_case import PER_RANK_BATCH, folded_nanogpt, heal_config, held_out, tokens  # noqa: E402
 
-from switchhead.heal import PackedTokens, heal  # noqa: E402
+from switchhead.healing import PackedTokens, heal  # noqa: E402
 
 out = Path(sys.argv[1])
 torch.set_num_threads(1)

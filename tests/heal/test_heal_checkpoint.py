@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from switchhead.heal import checkpoint as ckpt
+from switchhead.healing import checkpoint as ckpt
 
 
 def _write(root, step, value, keep=2):

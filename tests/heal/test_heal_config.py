@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from switchhead.heal import HealConfig
+from switchhead.healing import HealConfig
 
 
 @pytest.mark.parametrize("field, value", [
@@ -40,8 +40,9 @@ def test_round_trips_through_json():
         HealConfig.from_dict({"stepz": 3})
 
 
-def test_the_package_is_the_verb():
-    import switchhead.heal
-    from switchhead.heal import heal
+def test_heal_is_the_top_level_verb():
+    import switchhead
+    import switchhead.healing
+    from switchhead.healing import heal
 
-    assert callable(switchhead.heal) and switchhead.heal.heal is heal and switchhead.heal.HealConfig is HealConfig
+    assert switchhead.heal is heal and switchhead.healing.HealConfig is HealConfig

@@ -3,7 +3,7 @@
 import torch
 
 from heal_helpers import CharTokenizer
-from switchhead.heal.data import PackedTokens, Sampler, Sentences, find_text_files, pack_files, split_files, text_lines
+from switchhead.healing.data import PackedTokens, Sampler, Sentences, find_text_files, pack_files, split_files, text_lines
 
 
 def test_packed_windows_drop_the_tail_and_batch_by_index():

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from ddp_case import PER_RANK_BATCH, folded_nanogpt, heal_config, held_out, tokens
-from switchhead.heal import PackedTokens, heal
+from switchhead.healing import PackedTokens, heal
 
 HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

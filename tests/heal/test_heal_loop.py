@@ -11,7 +11,7 @@ import torch
 
 import switchhead
 from heal_helpers import CharTokenizer
-from switchhead.heal import HealConfig, HealInterrupted, heal, heal_on_files, latest_checkpoint
+from switchhead.healing import HealConfig, HealInterrupted, heal, heal_on_files, latest_checkpoint
 from zoo import ZOO_BY_NAME
 
 FOLD = switchhead.SwitchHeadConfig(init="fold", num_heads=2, top_k=2)

@@ -7,9 +7,9 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from switchhead.heal.config import HealConfig
-from switchhead.heal.data import PackedTokens, Sentences, find_text_files, split_files, text_lines, tokenize_files
-from switchhead.heal.distill import HealResult, LogFn, heal
+from switchhead.healing.config import HealConfig
+from switchhead.healing.data import PackedTokens, Sentences, find_text_files, split_files, text_lines, tokenize_files
+from switchhead.healing.distill import HealResult, LogFn, heal
 
 
 def heal_on_files(student: torch.nn.Module, teacher: torch.nn.Module, paths: Sequence[str | os.PathLike[str]],

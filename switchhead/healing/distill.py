@@ -28,11 +28,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.utils import _pytree as pytree
 
-from switchhead.heal import checkpoint as ckpt
-from switchhead.heal import distributed as D
-from switchhead.heal.config import HealConfig
-from switchhead.heal.data import HealData, Sampler, as_heal_data
-from switchhead.heal.losses import (
+from switchhead.healing import checkpoint as ckpt
+from switchhead.healing import distributed as D
+from switchhead.healing.config import HealConfig
+from switchhead.healing.data import HealData, Sampler, as_heal_data
+from switchhead.healing.losses import (
     LOSSES,
     embedding_cosine,
     next_token_nll,
@@ -40,7 +40,7 @@ from switchhead.heal.losses import (
     resolve_task,
     token_mask,
 )
-from switchhead.heal.progress import Progress
+from switchhead.healing.progress import Progress
 
 LogFn = Callable[[dict[str, Any]], None]
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
