@@ -15,6 +15,7 @@ import os
 import platform
 import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -85,9 +86,21 @@ def main() -> None:
     verdict = "meets" if convert_s <= 60 and peak <= 2.5 * model_bytes else "MISSES"
     print(f"target (<= 60 s, <= 2.5x model size): {verdict}")
     if options.write:
-        with open("BENCHMARKS.md", "a") as out:
-            out.write(f"\n## Conversion at scale: Llama-shaped 1B on CPU ({options.dtype})\n\n{header}\n\n{table}\n\n"
-                      f"Target (issue 2): <= 60 s and <= 2.5x model size: **{verdict}**.\n")
+        heading = f"## Conversion at scale: Llama-shaped 1B on CPU ({options.dtype})"
+        section = f"{heading}\n\n{header}\n\n{table}\n\nTarget (issue 2): <= 60 s and <= 2.5x model size: **{verdict}**.\n"
+        replace_section(Path("BENCHMARKS.md"), heading, section)
+
+
+def replace_section(path: Path, heading: str, section: str) -> None:
+    """Put `section` in place of the one under `heading` (up to the next '## '), or append it."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = text.find(heading)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + section + (text[end:] if end >= 0 else "")
+    path.write_text(text)
 
 
 if __name__ == "__main__":
