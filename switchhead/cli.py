@@ -73,7 +73,6 @@ to rewrite, 4 output refused or not writable, 5 verification failed,
 STEP_LABELS = {
     "load": "Loading {file}",
     "analyze": "Capturing with torch.export and finding attention",
-    "convert": "Capturing, rewriting and verifying",
     "capture": "Capturing with torch.export",
     "detect": "Finding attention",
     "rewrite": "Rewriting into SwitchHead attention",

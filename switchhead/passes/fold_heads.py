@@ -297,7 +297,7 @@ def _edit_for(node: torch.fx.Node, values: dict, keeps: dict):
     if target in (aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default):
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
         keep = keeps[source][dim % values[source].dim()]
-        pieces = [values[source].shape[dim] and v.shape[dim] for v in value]
+        pieces = [v.shape[dim] for v in value]
         bounds = torch.tensor([0, *pieces]).cumsum(0)
         new_sizes = [int(keep[bounds[i]:bounds[i + 1]].sum()) for i in range(len(pieces))]
         if new_sizes == pieces:
