@@ -135,24 +135,43 @@ def _operands(node: torch.fx.Node) -> tuple[Any, Any]:
     spec = MATMUL_OPS[node.target]
     if spec is None:  # einsum(equation, [a, b])
         operands = node.args[1]
-        if len(operands) != 2 or not _is_batched_matmul_einsum(node.args[0]):
+        if len(operands) != 2 or _einsum_subscripts(node.args[0]) is None:
             raise SiteRejected(f"einsum '{node.args[0]}' is not a batched matrix product")
         return operands[0], operands[1]
     return node.args[spec[0]], node.args[spec[1]]
 
 
-def _is_batched_matmul_einsum(equation: str) -> bool:
-    """'...ij,...jk->...ik' or the score form '...id,...jd->...ij' (letters, same batch dims)."""
+def _einsum_subscripts(equation: str) -> tuple[str, str, str] | None:
+    """(a, b, out) subscripts of '...ij,...jk->...ik' or of the score form '...id,...jd->...ij'.
+
+    The output keeps the left operand's batch letters; the right operand's batch letters are some
+    of them in the same order: it is broadcast over the others (multi-query attention written
+    einsum('bhqd,bkd->bhqk') / einsum('bhqk,bkd->bhqd'), as PaLM does). None for anything else.
+    """
     lhs, _, out = equation.replace(" ", "").partition("->")
     a, _, b = lhs.partition(",")
-    if "." in equation or len({len(a), len(b), len(out)}) != 1 or len(a) < 2:
-        return False
-    batch = a[:-2]
-    if b[:-2] != batch or out[:-2] != batch:
-        return False
+    if "." in equation or not (len(a) == len(out) >= 2 <= len(b)) or any(len(set(s)) != len(s) for s in (a, b, out)):
+        return None
+    batch, letters = a[:-2], iter(a[:-2])
+    if out[:-2] != batch or not all(c in letters for c in b[:-2]):
+        return None
     product = b[-2] == a[-1] and out[-2:] == a[-2] + b[-1]
     scores = b[-1] == a[-1] and out[-2:] == a[-2] + b[-2]
-    return product or scores
+    return (a, b, out) if product or scores else None
+
+
+def _as_read_by(graph: _Graph, product: torch.fx.Node, ids: torch.Tensor) -> torch.Tensor:
+    """Ids of a product's right operand as the product reads it: an einsum broadcasts it over the
+    batch letters it lacks, so the value of MQA einsum('bhqk,bkd->bhqd') reads as [b, h, k, d]."""
+    if product.target is not aten.einsum.default:
+        return ids
+    a, b, _ = _einsum_subscripts(product.args[0])
+    if len(b) == len(a):
+        return ids
+    sizes = iter(ids.shape[:-2])
+    shape = [next(sizes) if letter in b else 1 for letter in a[:-2]] + list(ids.shape[-2:])
+    left = graph.values[_operands(product)[0]]
+    return ids.reshape(shape).expand(*left.shape[:-2], *ids.shape[-2:])
 
 
 def _softmax_core(graph: _Graph, softmax: torch.fx.Node) -> tuple[Any, Any, Any, torch.fx.Node]:
@@ -304,6 +323,7 @@ def _trace_site(graph: _Graph, node: torch.fx.Node, kind: str, path: str, module
     v_proj = _walk_back_to_projection(graph, value)
     v_shape = values[v_proj].shape
     v_features = _replay(graph, v_proj, value, _ids(v_shape, "feature"), "exact", "value")
+    v_features = _as_read_by(graph, core_out, v_features)
     if v_features.dim() < 3:
         raise SiteRejected("value tensor has no head dimension")
     head_dim = v_features.shape[-1]

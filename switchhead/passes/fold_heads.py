@@ -142,6 +142,9 @@ def plan_fold(values: dict, site: AttentionSite, num_heads: int) -> FoldPlan:
     anchors: dict[torch.fx.Node, torch.Tensor] = {}
     for operand in (query, key, value):
         shape = values[operand].shape
+        if len(shape) < values[query].dim():  # no head dim: the core broadcasts it (einsum MQA, PaLM)
+            anchors[operand] = torch.ones(shape, dtype=torch.bool)
+            continue
         heads = shape[-3] if len(shape) >= 4 else site.num_heads
         keep = kept if heads == site.num_heads else kept_kv
         anchors[operand] = torch.isin(_head_index(shape, site.num_heads), keep)

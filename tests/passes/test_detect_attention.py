@@ -96,3 +96,20 @@ def test_filter_excludes_sites_and_reports_them():
     analysis = switchhead.analyze(case.build(), *case.example_inputs(), filter_fn=lambda path: path.startswith("encoder."))
     assert len(analysis.sites) == 2 and all(s.path.startswith("encoder.") for s in analysis.sites)
     assert len(analysis.skipped) == 4 and {s.reason for s in analysis.skipped} == {"excluded by the filter"}
+
+
+@pytest.mark.parametrize("equation,accepted", [
+    ("bhqd,bhkd->bhqk", True),
+    ("bhqk,bhkd->bhqd", True),
+    ("bhqd,bkd->bhqk", True),  # PaLM-style MQA: the key is broadcast over the heads
+    ("bhqk,bkd->bhqd", True),
+    ("bgrqk,bgkd->bgrqd", True),  # GQA: KV heads g broadcast over the r query heads of each group
+    ("bhqk,bkd->bqhd", False),  # output batch dims reordered
+    ("bhqd,hbkd->bhqk", False),  # key batch dims in another order
+    ("bkd,bhqd->bhqk", False),  # the query is the broadcast one
+    ("bhqd,bhkd->bhkq", False),
+    ("...qd,...kd->...qk", False),
+])
+def test_einsum_equations_read_as_batched_products(equation, accepted):
+    from switchhead.passes.detect_attention import _einsum_subscripts
+    assert (_einsum_subscripts(equation) is not None) == accepted

@@ -416,19 +416,3 @@ def check(spec: Spec) -> Outcome:
         assert (site["num_heads"], site["num_kv_heads"], site["head_dim"], site["cross"]) == (
             spec.heads, spec.kv_heads, spec.head_dim, spec.cross), site
     return outcome
-
-
-# Known detection gaps: generated attention that SHOULD be found but is skipped today. Each has a
-# strict-xfail reproduction in test_robust_property.py; fixing the bug flips that test to XPASS, and
-# then the entry here must go (the property test then demands the site is found).
-KNOWN_MISSES = {
-    "einsum_mqa_broadcast": "test_bug_einsum_mqa_with_3d_key_is_found",
-}
-
-
-def known_misses(spec: Spec) -> set[str]:
-    """The KNOWN_MISSES that apply to `spec` (empty: every attention of `spec` must be found)."""
-    found = set()
-    if spec.core == "einsum" and spec.gqa == "broadcast" and spec.kv_heads == 1 < spec.heads:
-        found.add("einsum_mqa_broadcast")
-    return found

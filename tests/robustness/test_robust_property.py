@@ -1,14 +1,17 @@
 """Issue 9, property: on generated attention (attention_gen), every attention is either rewritten
 exactly (upcycle, 1e-5 relative at the example shape and another shape) or reported skipped with a
-reason; never a wrong rewrite. Attention of a kind issue 2 requires is found, except the known
-detection gaps in attention_gen.KNOWN_MISSES, each pinned by a strict xfail below."""
+reason; never a wrong rewrite. Every generated attention is of a kind issue 2 requires: it must be found."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 from hypothesis import given, settings
 
 import attention_gen as gen
+import switchhead
 from attention_gen import Spec
 
 PROFILE = settings.get_profile("switchhead-robustness")
@@ -18,8 +21,7 @@ PROFILE = settings.get_profile("switchhead-robustness")
 @given(gen.specs())
 def test_generated_attention_is_rewritten_exactly_or_skipped_with_a_reason(spec: Spec):
     outcome = gen.check(spec)
-    if not gen.known_misses(spec):
-        assert len(outcome.sites) == spec.blocks, [s["reason"] for s in outcome.skipped]
+    assert len(outcome.sites) == spec.blocks, [s["reason"] for s in outcome.skipped]
 
 
 # A few fixed specs: the main shapes of real models, always run (hypothesis may not draw them).
@@ -45,12 +47,11 @@ FIXED = {
 @pytest.mark.parametrize("name", sorted(FIXED))
 def test_fixed_real_model_shapes_are_found_and_exact(name):
     spec = FIXED[name]
-    assert not gen.known_misses(spec)
     outcome = gen.check(spec)
     assert len(outcome.sites) == spec.blocks, outcome.skipped
 
 
-# ------------------------------------------------------------------------------- known gaps (bugs)
+# ---------------------------------------------------------------------- gaps fixed (regressions)
 
 
 def _must_be_found(spec: Spec):
@@ -67,11 +68,36 @@ def test_layer_norm_on_q_and_k_is_found(norm):
     _must_be_found(Spec(heads=2, kv_heads=2, head_dim=4, d_model=8, extras=(norm,)))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: detect_attention._is_batched_matmul_einsum requires both "
-                   "operands to have the same subscripts rank, so multi-query attention written "
-                   "einsum('bhqd,bkd->bhqk') / einsum('bhqk,bkd->bhqd') (PaLM-style) is skipped")
-def test_bug_einsum_mqa_with_3d_key_is_found():
-    _must_be_found(Spec(heads=2, kv_heads=1, head_dim=4, d_model=8, core="einsum", gqa="broadcast"))
+@pytest.mark.parametrize("spec", [
+    Spec(heads=2, kv_heads=1, head_dim=4, d_model=8, core="einsum", gqa="broadcast"),
+    Spec(heads=4, kv_heads=1, head_dim=2, d_model=10, d_memory=6, proj="fused", layout="grouped", core="einsum",
+         gqa="broadcast", cross=True, extras=("rope",), batch_first=False, mask="bool"),
+], ids=["separate", "fused_cross_seq_first"])
+def test_einsum_mqa_with_3d_key_is_found(spec):
+    """PaLM-style MQA, einsum('bhqd,bkd->bhqk') / einsum('bhqk,bkd->bhqd'): one shared KV head."""
+    _must_be_found(spec)
+
+
+def test_einsum_mqa_with_3d_key_folds_like_matmul_mqa():
+    """Folding the 3-D-key einsum MQA gives the same model as folding the same weights written with
+    matmul broadcasting over a [B, 1, S, dh] key (a path folding handled before)."""
+    spec = Spec(heads=4, kv_heads=1, head_dim=4, d_model=12, core="einsum", gqa="broadcast", extras=("rope",))
+    config = switchhead.SwitchHeadConfig(init="fold", num_heads=2, num_experts=2, top_k=1, seed=0)
+    other_args, other_kwargs = gen.inputs(spec, 3, 7, seed=2)
+    outputs = []
+    for core in ("einsum", "matmul"):
+        written = dataclasses.replace(spec, core=core)
+        folded = switchhead.convert(gen.build(written), *gen.inputs(written, 2, 5), config=config)
+        assert [s["new_num_heads"] for s in switchhead.report_of(folded).sites] == [2]
+        with torch.no_grad():
+            outputs.append(folded(*other_args, **other_kwargs))
+    assert switchhead.max_relative_error(outputs[1], outputs[0]) <= gen.TOLERANCE
+    model = gen.build(spec)  # and the identity fold (all heads, one expert each) is exact
+    same = switchhead.convert(model, *gen.inputs(spec, 2, 5), config=dataclasses.replace(
+        config, num_heads=spec.heads, num_experts=1))
+    with torch.no_grad():
+        error = switchhead.max_relative_error(model(*other_args, **other_kwargs), same(*other_args, **other_kwargs))
+    assert error <= gen.TOLERANCE
 
 
 @pytest.mark.parametrize("gqa", ["expand", "repeat_interleave"])
