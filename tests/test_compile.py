@@ -35,9 +35,12 @@ def _check_compiled_matches(new, args, kwargs, tol: float) -> None:
     assert switchhead.max_relative_error(out_eager, out_compiled) <= tol
     want, got = _grads(eager), _grads(compiled_module)
     assert want.keys() == got.keys() and want
+    # A gradient that is zero up to rounding (e.g. a V bias whose effect cancels in output_sum) has no
+    # scale of its own: measure every error against at least 1e-3 of the largest gradient's scale.
+    floor = 1e-3 * max(g.abs().max().item() for g in want.values())
     for name in want:
-        scale = want[name].abs().max().clamp_min(1e-12)
-        assert ((want[name] - got[name]).abs().max() / scale).item() <= tol * 10, name
+        scale = max(want[name].abs().max().item(), floor, 1e-12)
+        assert (want[name] - got[name]).abs().max().item() / scale <= tol * 10, name
 
 
 @pytest.mark.parametrize("case", ZOO, ids=lambda c: c.name)

@@ -18,6 +18,7 @@ Contract
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import operator
 from typing import Any
@@ -250,7 +251,9 @@ def register(owner: torch.nn.Module, path: str, name: str, tensor: torch.Tensor,
     while hasattr(owner, unique):
         unique, i = f"{name}_{i}", i + 1
     if buffer:
-        owner.register_buffer(unique, tensor)
+        # index buffers are built on the CPU; they must live where the module's weights are
+        reference = next(itertools.chain(owner.parameters(), owner.buffers()), None)
+        owner.register_buffer(unique, tensor if reference is None else tensor.to(reference.device))
     else:
         owner.register_parameter(unique, torch.nn.Parameter(tensor.contiguous()))
     return f"{path}.{unique}" if path else unique
