@@ -31,6 +31,7 @@ import torch
 import torch.fx
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.fx.traceback import NodeSource
 from torch.utils import _pytree as pytree
 
 from switchhead.api import REPORT_KEY
@@ -280,13 +281,45 @@ def _write_program(program: torch.export.ExportedProgram, path: Path) -> None:
         for name in program.constants:
             program.constants[name] = placeholders[name]
         program.example_inputs = None
-        with warnings.catch_warnings():  # the placeholders do not cover a whole storage, by design
+        with warnings.catch_warnings(), _stable_provenance(program):
+            # the placeholders do not cover a whole storage, by design
             warnings.filterwarnings("ignore", message="No complete tensor found in the group")
             torch.export.save(program, str(path))
     finally:
         program.state_dict.update(originals[0])
         program.constants.update(originals[1])
         program.example_inputs = originals[2]
+
+
+@contextlib.contextmanager
+def _stable_provenance(program: torch.export.ExportedProgram) -> Iterator[None]:
+    """While the program is written, its nodes' provenance (`from_node`) names graphs by order of
+    first appearance. torch records id() of each Python graph there, different on every run: the
+    archive's bytes, and its `.data/serialization_id` (a checksum of them), would differ too."""
+    numbers: dict[int, int] = {}
+    originals = []
+    for module in program.graph_module.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            sources = node.meta.get("from_node")
+            if sources:
+                originals.append((node, sources))
+                node.meta["from_node"] = [NodeSource._from_dict(_renumbered(s.to_dict(), numbers))
+                                          if isinstance(s, NodeSource) else s for s in sources]
+    try:
+        yield
+    finally:
+        for node, sources in originals:
+            node.meta["from_node"] = sources
+
+
+def _renumbered(record: dict[str, Any], numbers: dict[int, int]) -> dict[str, Any]:
+    """A serialized NodeSource with each graph id replaced by its number in `numbers` (grown as met)."""
+    graph_id = record.get("graph_id", -1)
+    if graph_id != -1:  # -1: no graph recorded
+        graph_id = numbers.setdefault(graph_id, len(numbers))
+    return {**record, "graph_id": graph_id, "from_node": [_renumbered(r, numbers) for r in record.get("from_node") or []]}
 
 
 # ----------------------------------------------------------------------------------------- load

@@ -2,21 +2,16 @@
 byte for byte, whatever the global RNG state, in this process and in fresh processes (other hash
 seeds), through the API and the command line.
 
-report.json is compared byte for byte, except for the command line's "timings_s" (wall-clock step
-times, different on every run by nature): sites, skipped, config, costs, verify_max_error, versions,
-manifest, example input shapes and "source" (both runs read the same model file) must be identical.
-The weights and program files are compared by content; see _assert_same_outputs for the three
-serialisation details excluded there, each pinned by a strict xfail."""
+Every saved file (model.pt2, model.safetensors, report.json) is compared byte for byte; only the
+command line's report.json has one field that differs by nature, "timings_s" (wall-clock step
+times), and is compared without it."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import struct
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -32,12 +27,18 @@ TIMING_FIELDS = ("timings_s",)
 TINY_MODEL = Path(__file__).resolve().parents[1] / "cli" / "tiny_model.py"
 
 
-def _convert(seed: int = 0, rng: int = 0, init: str = "upcycle"):
+def _convert(seed: int = 0, rng: int = 0, init: str = "upcycle", **config):
     model = gen.build(SPEC)
     args, kwargs = gen.inputs(SPEC, 2, 5)
     torch.manual_seed(rng)  # the global RNG must not matter: only config.seed does
-    config = switchhead.SwitchHeadConfig(num_experts=3, top_k=2, seed=seed, init=init)
+    config = switchhead.SwitchHeadConfig(num_experts=3, top_k=2, seed=seed, init=init, **config)
     return switchhead.convert(model, args, kwargs, config=config), args, kwargs
+
+
+def save_conversion(directory: str, rng: int) -> Path:
+    """Convert SPEC (seed 0) with the global RNG at `rng` and save it to `directory`."""
+    converted, args, kwargs = _convert(rng=rng)
+    return switchhead.save(converted, directory, args, kwargs)
 
 
 def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -45,98 +46,77 @@ def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype for k in sa)
 
 
-@pytest.mark.parametrize("init", ["upcycle", "random"])
+@pytest.mark.parametrize("init", ["upcycle", "random", "fold"])
 def test_same_seed_same_weights_and_report_in_process(init):
-    first, _, _ = _convert(rng=1, init=init)
-    second, _, _ = _convert(rng=2, init=init)
+    config = {"init": init, "num_heads": 2} if init == "fold" else {"init": init}
+    first, _, _ = _convert(rng=1, **config)
+    second, _, _ = _convert(rng=2, **config)
     assert _same_state(first, second)
     assert switchhead.report_of(first).to_json() == switchhead.report_of(second).to_json()
     assert str(first.graph) == str(second.graph)
-    other, _, _ = _convert(seed=1, rng=1, init=init)
+    other, _, _ = _convert(seed=1, rng=1, **config)
     routers = [k for k in first.state_dict() if k.endswith("_router")]
     assert routers and not all(torch.equal(first.state_dict()[k], other.state_dict()[k]) for k in routers), \
         "config.seed does not reach the routers"
 
 
-def _safetensors_parts(path: Path) -> tuple[dict, dict, bytes]:
-    """(tensor header, metadata, data) of a safetensors file."""
-    data = path.read_bytes()
-    (size,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + size])
-    return header, header.pop("__metadata__", {}), data[8 + size:]
-
-
-def _drop_graph_ids(raw: bytes) -> bytes:
-    """model.json without torch's per-process `from_node` graph ids (id() of a Python graph); the
-    from_node records are JSON strings inside the JSON, hence the escaped quotes."""
-    return re.sub(rb'graph_id(\\\\)*\\?": \d+', b"graph_id", raw)
-
-
-def _program_parts(path: Path) -> dict[str, object]:
-    """The archive's members, minus the fields that differ by nature (see _assert_same_outputs)."""
-    with zipfile.ZipFile(path) as archive:
-        parts = {}
-        for name in archive.namelist():
-            if name.endswith(".data/serialization_id"):
-                continue
-            raw = archive.read(name)
-            parts[name] = _drop_graph_ids(raw) if name.endswith("models/model.json") else raw
-        return parts
-
-
-def _assert_same_outputs(a: Path, b: Path, timing_fields=()) -> None:
-    """Same report.json (bytes, modulo `timing_fields`), same tensors and safetensors header, same
-    program. Excluded, besides timing: in model.pt2 torch's random `.data/serialization_id` and the
-    `graph_id` of each node's `from_node` record (id() of a Python object), and so the program's
-    checksum in report.json; a strict xfail below asks for a byte-identical program."""
-    reports = [json.loads((d / "report.json").read_text()) for d in (a, b)]
-    for report in reports:  # the program's checksum follows its bytes, which are not deterministic (xfail below)
-        report["sha256"].pop("model.pt2")
-    if timing_fields:
-        for report in reports:
-            for field in timing_fields:
-                assert field in report, f"{field} is no longer written: update TIMING_FIELDS"
-                report.pop(field)
-    else:
-        texts = [(d / "report.json").read_text() for d in (a, b)]
-        digests = [json.loads(t)["sha256"]["model.pt2"] for t in texts]
-        assert texts[0].replace(digests[0], "") == texts[1].replace(digests[1], "")
-    assert reports[0] == reports[1]
-    assert _safetensors_parts(a / "model.safetensors") == _safetensors_parts(b / "model.safetensors")
-    assert _program_parts(a / "model.pt2") == _program_parts(b / "model.pt2")
+def _assert_same_files(a: Path, b: Path, timing_fields: tuple[str, ...] = ()) -> None:
+    """The same files in `a` and `b`, byte for byte; report.json without `timing_fields`."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir()) and "report.json" in names
+    for name in names:
+        first, second = (a / name).read_bytes(), (b / name).read_bytes()
+        if name == "report.json" and timing_fields:
+            reports = [json.loads(raw) for raw in (first, second)]
+            for report in reports:
+                for field in timing_fields:
+                    assert field in report, f"{field} is no longer written: update TIMING_FIELDS"
+                    report.pop(field)
+            assert reports[0] == reports[1]
+        else:
+            assert first == second, f"{name} differs between {a} and {b}"
 
 
 @pytest.fixture(scope="module")
-def two_saves(tmp_path_factory):
+def two_saves(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("determinism")
-    dirs = []
-    for i, rng in enumerate((3, 4)):
-        converted, args, kwargs = _convert(rng=rng)
-        dirs.append(switchhead.save(converted, root / f"out{i}", args, kwargs))
-    return dirs
+    return [save_conversion(str(root / f"out{i}"), rng) for i, rng in enumerate((3, 4))]
 
 
-def test_saved_outputs_are_identical(two_saves):
-    _assert_same_outputs(*two_saves)
+def test_saved_files_are_byte_identical_in_process(two_saves):
+    _assert_same_files(*two_saves)
 
 
-def test_saved_weights_file_is_byte_identical(two_saves):
-    a, b = two_saves
-    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+@pytest.mark.slow
+def test_saved_files_are_byte_identical_in_fresh_processes(two_saves, tmp_path):
+    """Two fresh interpreters (other hash seeds, other global RNG seeds) save what this process saved."""
+    code = "import sys; sys.path.insert(0, sys.argv[1]); from test_robust_determinism import save_conversion; " \
+           "save_conversion(sys.argv[2], int(sys.argv[3]))"
+    runs = {}
+    for hash_seed, rng in (("1", "5"), ("2", "6")):  # side by side: half the wall time on two cores
+        out = tmp_path / f"fresh{hash_seed}"
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        runs[out] = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent), str(out), rng],
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for out, run in runs.items():
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err.decode()[-2000:]
+        _assert_same_files(two_saves[0], out)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: io._write_program saves the program as torch.export.save "
-                   "writes it: every node's metadata.from_node[].graph_id is id() of a Python graph and "
-                   ".data/serialization_id is random, so model.pt2 differs between identical conversions")
-def test_saved_program_file_is_byte_identical(two_saves):
-    a, b = two_saves
-    assert (a / "model.pt2").read_bytes() == (b / "model.pt2").read_bytes()
+def test_saved_program_loads_and_checks_its_checksums(two_saves):
+    """The normalised program loads (load verifies the sha256 of both files) and computes what the
+    conversion computes, at another shape."""
+    args, kwargs = gen.inputs(SPEC, 3, 7, seed=2)
+    with torch.no_grad():
+        converted, _, _ = _convert(rng=3)
+        assert torch.equal(switchhead.load(two_saves[0])(*args, **kwargs), converted(*args, **kwargs))
 
 
 @pytest.mark.slow
 def test_command_line_in_fresh_processes_with_other_hash_seeds(tmp_path):
     """The command twice on the same model file, in interpreters with other PYTHONHASHSEEDs: the same
-    outputs, report.json modulo TIMING_FIELDS."""
+    files, report.json modulo TIMING_FIELDS."""
     outs = []
     for hash_seed in ("1", "2"):
         out = tmp_path / f"cli{hash_seed}"
@@ -145,4 +125,4 @@ def test_command_line_in_fresh_processes_with_other_hash_seeds(tmp_path):
         subprocess.run([sys.executable, "-c", code, str(TINY_MODEL), "--quiet", "--output", str(out)],
                        env=env, check=True, capture_output=True, timeout=300)
         outs.append(out)
-    _assert_same_outputs(*outs, timing_fields=TIMING_FIELDS)
+    _assert_same_files(*outs, timing_fields=TIMING_FIELDS)
