@@ -141,6 +141,9 @@ class Steps:
 @click.option("--heads", type=int, default=None, metavar="H",
               help="Heads of every rewritten attention (fewer heads is where SwitchHead saves compute); "
                    "needs --init fold or random. With GQA, a multiple of the KV heads.")
+@click.option("--head-dim", type=int, default=None, metavar="DH",
+              help="Head size of every rewritten attention (e.g. --heads 4 --head-dim 112 for the paper's 262M "
+                   "setup); needs --init random. Q/K, the experts, the softmax scale and RoPE follow it.")
 @click.option("--fold-qk", type=click.Choice(["mean", "first"]), default="mean", show_default=True,
               help="How a folded group's Q/K heads become one: their mean, or the first head.")
 @click.option("--seq-len", type=int, default=2048, show_default=True,
@@ -164,7 +167,7 @@ class Steps:
 @click.option("--traceback", "show_traceback", is_flag=True, help="Show the Python traceback of an error.")
 @click.pass_context
 def main(ctx: click.Context, model_file: Path, experts: int | None, top_k: int, init: str, heads: int | None,
-         fold_qk: str, seq_len: int, module_filter: str | None, output: Path, onnx_path: Path | None,
+         head_dim: int | None, fold_qk: str, seq_len: int, module_filter: str | None, output: Path, onnx_path: Path | None,
          onnx_inline: bool, dry_run: bool, report_json: Path | None,
          quiet: bool, as_json: bool, seed: int, force: bool, entry: str | None, inputs_name: str | None,
          show_traceback: bool) -> int:
@@ -182,7 +185,7 @@ def main(ctx: click.Context, model_file: Path, experts: int | None, top_k: int, 
             for name in ("output", "force", "onnx_path"):
                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
                     raise CliError(f"--{name} has no effect with --dry-run", ExitCode.USAGE)
-        config = _config(experts, top_k, init, heads, fold_qk, module_filter, seed)
+        config = _config(experts, top_k, init, heads, head_dim, fold_qk, module_filter, seed)
         if seq_len < 1:
             raise CliError(f"--seq-len must be at least 1, got {seq_len}", ExitCode.USAGE)
         if not dry_run:
@@ -209,8 +212,8 @@ def main(ctx: click.Context, model_file: Path, experts: int | None, top_k: int, 
         return error.code
 
 
-def _config(experts: int | None, top_k: int, init: str, heads: int | None, fold_qk: str, module_filter: str | None,
-            seed: int):
+def _config(experts: int | None, top_k: int, init: str, heads: int | None, head_dim: int | None, fold_qk: str,
+            module_filter: str | None, seed: int):
     if experts is not None and experts < 1:
         raise CliError(f"--experts must be at least 1, got {experts}", ExitCode.USAGE)
     if top_k < 1 or (experts is not None and top_k > experts):
@@ -218,13 +221,19 @@ def _config(experts: int | None, top_k: int, init: str, heads: int | None, fold_
     if heads is not None and init == "upcycle":
         raise CliError("--heads changes the model's function: use it with --init fold (pretrained) or --init random",
                        ExitCode.USAGE)
+    if head_dim is not None and head_dim < 1:
+        raise CliError(f"--head-dim must be at least 1, got {head_dim}", ExitCode.USAGE)
+    if head_dim is not None and init != "random":
+        raise CliError("--head-dim needs --init random (the dense heads cannot fill heads of another size)",
+                       ExitCode.USAGE)
     if module_filter is not None:
         try:
             re.compile(module_filter)
         except re.error as exc:
             raise CliError(f"--filter {module_filter!r} is not a valid regular expression: {exc}", ExitCode.USAGE) from None
     try:
-        return switchhead.SwitchHeadConfig(num_experts=experts, top_k=top_k, init=init, num_heads=heads, fold_qk=fold_qk,
+        return switchhead.SwitchHeadConfig(num_experts=experts, top_k=top_k, init=init, num_heads=heads, head_dim=head_dim,
+                                           fold_qk=fold_qk,
                                            module_filter=module_filter, seed=seed)
     except ValueError as exc:
         raise CliError(str(exc), ExitCode.USAGE) from None
@@ -443,6 +452,8 @@ def _print_summary(out: Console, result: dict[str, Any]) -> None:
     else:
         first = result["sites"][0]
         heads = f"{first['num_heads']} -> {first['new_num_heads']} heads, " if first["new_num_heads"] != first["num_heads"] else ""
+        if first.get("new_head_dim", first["head_dim"]) != first["head_dim"]:
+            heads += f"head dim {first['head_dim']} -> {first['new_head_dim']}, "
         rows.append(("rewrote", f"{result['rewrites']} projection(s) in {len(result['sites'])} attention module(s): "
                                 f"{heads}E={first['num_experts']}, top-{config['top_k']}, init={config['init']}, "
                                 f"seed={config['seed']}"))

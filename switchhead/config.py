@@ -27,6 +27,9 @@ class SwitchHeadConfig:
         num_heads: heads of every rewritten attention (None: as many as the dense model). Fewer
             heads is where SwitchHead saves compute; needs init="fold" or "random". With GQA it must
             be a multiple of the KV heads (query heads are grouped inside their KV group).
+        head_dim: head size of every rewritten attention (None: the dense model's). Only with
+            init="random": Q/K projections, V/O experts, the softmax scale (1/sqrt(head_dim) where
+            the model used 1/sqrt of its own), RoPE tables and Q/K norms follow it.
         fold_qk: how a group's Q and K heads become one: "mean" of the group (as GQA uptraining
             pools K/V heads) or the "first" head of the group.
         fold_noise: relative std of the noise that tells apart experts copied from the same head
@@ -48,6 +51,7 @@ class SwitchHeadConfig:
     top_k: int = 2
     init: Literal["upcycle", "random", "fold"] = "upcycle"
     num_heads: int | None = None
+    head_dim: int | None = None
     fold_qk: Literal["mean", "first"] = "mean"
     fold_noise: float = 1e-2
     module_filter: str | None = None
@@ -72,6 +76,12 @@ class SwitchHeadConfig:
                 raise ValueError(f"num_heads must be a positive integer, got {self.num_heads!r}")
             if self.init == "upcycle":
                 raise ValueError("num_heads changes the model's function: use init='fold' (pretrained) or 'random'")
+        if self.head_dim is not None:
+            if not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim < 1:
+                raise ValueError(f"head_dim must be a positive integer, got {self.head_dim!r}")
+            if self.init != "random":
+                raise ValueError(f"head_dim changes the heads' size, which init='{self.init}' cannot fill from the "
+                                 "dense heads: use init='random' (or leave head_dim unset)")
         if self.fold_qk not in FOLD_QK:
             raise ValueError(f"fold_qk must be one of {', '.join(FOLD_QK)}, got {self.fold_qk!r}")
         if not (math.isfinite(self.fold_noise) and 0 <= self.fold_noise < 1):

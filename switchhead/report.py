@@ -39,6 +39,7 @@ class ConversionReport:
         for site, plan in zip(sites, plans):
             entry = site.to_dict()
             entry.update(new_num_heads=plan.num_heads, new_num_kv_heads=plan.num_kv_heads,
+                         new_head_dim=int(plan.weights.o_experts.shape[2]),
                          num_experts=int(plan.weights.v_experts.shape[1]),
                          kv_bytes=plan.weights.v_experts.element_size())
             described.append(entry)
@@ -50,7 +51,8 @@ class ConversionReport:
         """Before/after costs of every rewritten site for sequences of `seq_len` tokens."""
         top_k = self.config["top_k"]
         return [accounting.site_costs(site, site["num_experts"], top_k, seq_len, num_heads=site["new_num_heads"],
-                                      num_kv_heads=site["new_num_kv_heads"], kv_bytes=site["kv_bytes"])
+                                      head_dim=site.get("new_head_dim"), num_kv_heads=site["new_num_kv_heads"],
+                                      kv_bytes=site["kv_bytes"])
                 for site in self.sites]
 
     def cost_table(self, seq_len: int) -> list[tuple[str, str, str, str]]:

@@ -25,6 +25,12 @@ Folding rules (documented for users)
     active V experts average and the O experts add up like the dense group's heads did. Routers
     start tiny and random as with upcycling. With GQA the V experts are copies of their KV head.
     H2 = H and E = 1 reproduces the dense model exactly; any real fold is lossy and needs healing.
+
+New head size (init="random" with head_dim, `resize.py`)
+    Sizes are learned as for folding, from masks that also keep p of each head's dh positions, for
+    two p; they are affine in p and extrapolated to dh2. Q/K projections get new random weights
+    with the original's std (biases zero), V/O experts the paper's random init at dh2; the softmax
+    scale, RoPE tables and Q/K norm weights follow dh2, or the site is refused.
 """
 
 from __future__ import annotations
@@ -40,16 +46,14 @@ import torch.fx
 from switchhead import experts as expert_init
 from switchhead.config import SwitchHeadConfig
 from switchhead.errors import ConfigMismatchError
-from switchhead.graph.ops import CAST_OPS, NOOP_OPS, is_pointwise, linear_parts
-from switchhead.graph.provenance import ProvenanceError, ancestors, replay, rerun, region_between
-from switchhead.passes.rewrite_experts import SitePlan, linear_weight, register, rms
+from switchhead.graph.ops import CAST_OPS, MATMUL_OPS, NOOP_OPS, is_pointwise, linear_parts
+from switchhead.graph.provenance import ProvenanceError, ancestors, describe, replay, rerun, region_between
+from switchhead.passes.resize import (FoldError, MaskSizes, ScaledSizes, probe_positions, rescale_scores,
+                                      resize_head_operand)
+from switchhead.passes.rewrite_experts import SitePlan, drop_unused_attributes, linear_weight, register, rms
 from switchhead.site import AttentionSite
 
 aten = torch.ops.aten
-
-
-class FoldError(Exception):
-    """The heads of this site cannot be folded; the message says why."""
 
 
 # Ops whose arguments never mention sizes: a new input shape is all they need.
@@ -68,9 +72,15 @@ _SIZE_FREE = CAST_OPS | NOOP_OPS | {
 class FoldPlan:
     site: AttentionSite
     members: torch.Tensor  # [H2, G] dense query heads of each new head; column 0 keeps its place
-    masks: dict[torch.fx.Node, torch.Tensor]  # surviving elements of every tensor in the region
+    masks: dict[torch.fx.Node, torch.Tensor]  # surviving elements of every tensor in the region (all of dh)
     region: list[torch.fx.Node]  # nodes between the projections and the O projection, in order
     head_columns: dict[torch.fx.Node, torch.Tensor]  # Q (and K without GQA) projection: [H, dh] columns
+    sizes: MaskSizes | ScaledSizes  # new sizes of the region's tensors
+    head_dim: int  # the new head size
+
+    @property
+    def resized(self) -> bool:
+        return self.head_dim != self.site.head_dim
 
 
 def fold_sites(gm: torch.fx.GraphModule, values: dict, sites: list[AttentionSite],
@@ -78,23 +88,46 @@ def fold_sites(gm: torch.fx.GraphModule, values: dict, sites: list[AttentionSite
     """Fold every site to `config.num_heads` heads (init "fold", or "random" with num_heads);
     returns the expert plan of each folded site by index. Raises ConfigMismatchError naming the site
     that cannot be folded, before the graph is changed."""
-    if config.init != "fold" and config.num_heads is None:
+    if config.init != "fold" and config.num_heads is None and config.head_dim is None:
         return {}
     generator = torch.Generator().manual_seed((config.seed if config.seed is not None else torch.seed()) + 1)
     init_scale = config.init_scale if config.init_scale is not None else 1.0 / math.sqrt(max(len(sites), 1))
     folds = []
     for site in sites:
         try:
-            folds.append(plan_fold(values, site, config.num_heads or site.num_heads))
+            folds.append(plan_fold(values, site, config.num_heads or site.num_heads, config.head_dim))
         except FoldError as exc:
-            raise ConfigMismatchError(f"cannot fold the heads of {site.path or '<root>'}: {exc}") from None
+            raise _mismatch(site, exc, config) from None
     plans = {}
+    copies: dict = {}  # positional chains copied for the new head size, shared by the sites
     for index, fold in enumerate(folds):
         try:
-            plans[index] = apply_fold(gm, values, fold, config, generator, init_scale)
+            plans[index] = apply_fold(gm, values, fold, config, generator, init_scale, copies)
         except FoldError as exc:
-            raise ConfigMismatchError(f"cannot fold the heads of {fold.site.path or '<root>'}: {exc}") from None
+            raise _mismatch(fold.site, exc, config) from None
+    _erase_unused(gm.graph, list(copies))
     return plans
+
+
+def _mismatch(site: AttentionSite, exc: FoldError, config: SwitchHeadConfig) -> ConfigMismatchError:
+    if config.head_dim is None:
+        return ConfigMismatchError(f"cannot fold the heads of {site.path or '<root>'}: {exc}")
+    return ConfigMismatchError(f"cannot resize the heads of {site.path or '<root>'} to head_dim={config.head_dim}: "
+                               f"{exc}; leave head_dim unset or exclude this module with module_filter")
+
+
+def _erase_unused(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
+    """Erase the computations (not the attributes) that no node reads any more, and their inputs
+    that only they read: the original positional chains a new head size replaced."""
+    stack, erased = list(nodes), set()
+    while stack:
+        node = stack.pop()
+        if node in erased or node.users or node.op != "call_function":
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        erased.add(node)
+        stack.extend(inputs)
 
 
 def group_heads(site: AttentionSite, num_heads: int) -> torch.Tensor:
@@ -127,10 +160,70 @@ def _ids(value: torch.Tensor) -> torch.Tensor:
     return torch.arange(value.numel()).view(value.shape)
 
 
-def plan_fold(values: dict, site: AttentionSite, num_heads: int) -> FoldPlan:
-    """Which elements of every tensor between the projections and the O projection survive."""
+def plan_fold(values: dict, site: AttentionSite, num_heads: int, head_dim: int | None = None) -> FoldPlan:
+    """Which elements of every tensor between the projections and the O projection survive, and
+    the new sizes of those tensors with `num_heads` heads of `head_dim` (None: unchanged)."""
     members = group_heads(site, num_heads)
-    kept = members[:, 0]
+    head_dim = head_dim or site.head_dim
+    masks, region = _surviving(values, site, members[:, 0])
+    sizes: MaskSizes | ScaledSizes = MaskSizes(masks)
+    if head_dim != site.head_dim:
+        probes = [(p, MaskSizes(_surviving(values, site, members[:, 0], positions)[0]))
+                  for p, positions in probe_positions(site.head_dim)]
+        sizes = ScaledSizes([*probes, (site.head_dim, sizes)], head_dim)
+    query, key = site.core_operands[:2]
+    roles = [(site.query_node, query)] + ([(site.key_node, key)] if site.num_kv_heads == site.num_heads else [])
+    head_columns = {proj: _head_columns(values, proj, anchor, site.num_heads) for proj, anchor in roles}
+    return FoldPlan(site, members, masks, region, head_columns, sizes, head_dim)
+
+
+def _size_dims(site: AttentionSite) -> tuple[int, int, int, int]:
+    """The head-size dim of the query, key and value operands of the core and of its output."""
+    core = site.core_node
+    if core.target is aten.scaled_dot_product_attention.default:
+        return -1, -1, -1, -1
+    query, key = site.core_operands[:2]
+    scores = next((n for n in query.users if n.target in MATMUL_OPS and key in n.all_input_nodes), None)
+    if scores is None:
+        raise FoldError("cannot find the score product of the attention")
+    q_dim, k_dim = (-1, -2) if scores.target is not aten.einsum.default else _contracted(scores.args[0], 0, 1)
+    if core.target is not aten.einsum.default:
+        return q_dim, k_dim, -1, -1
+    inputs, output = core.args[0].replace(" ", "").split("->")
+    probs, v = inputs.split(",")
+    letter = [c for c in v if c in output and c not in probs and c != "."]
+    if len(letter) != 1:
+        raise FoldError(f"cannot tell the head-size dim of the value product {core.args[0]!r}")
+    return q_dim, k_dim, _subscript_dim(v, letter[0]), _subscript_dim(output, letter[0])
+
+
+def _contracted(equation: str, left: int, right: int) -> tuple[int, int]:
+    inputs, output = equation.replace(" ", "").split("->")
+    operands = inputs.split(",")
+    letters = [c for c in operands[left] if c in operands[right] and c not in output and c != "."]
+    if len(letters) != 1:
+        raise FoldError(f"cannot tell the head-size dim of the score product {equation!r}")
+    return _subscript_dim(operands[left], letters[0]), _subscript_dim(operands[right], letters[0])
+
+
+def _subscript_dim(subscript: str, letter: str) -> int:
+    """Negative dim of `letter` in an einsum subscript (counted from the end: ellipses are safe)."""
+    plain = subscript.replace("...", "")
+    return plain.index(letter) - len(plain)
+
+
+def _along(positions: torch.Tensor, shape: torch.Size, dim: int) -> torch.Tensor:
+    """[dh] positions broadcast along `dim` of `shape`."""
+    if shape[dim] != positions.numel():
+        raise FoldError("the attention operands do not share one head size")
+    view = [1] * len(shape)
+    view[dim] = -1
+    return positions.view(view).expand(shape)
+
+
+def _surviving(values: dict, site: AttentionSite, kept: torch.Tensor, positions: torch.Tensor | None = None):
+    """(mask of surviving elements per node, region): heads `kept`, and of each head the head-size
+    positions `positions` ([dh] bool; None: all)."""
     query, key, value = site.core_operands
     projections = {site.query_node, site.key_node, site.value_node}
     core_out, o_input = site.core_node, linear_parts(site.output_node)[0]
@@ -148,6 +241,10 @@ def plan_fold(values: dict, site: AttentionSite, num_heads: int) -> FoldPlan:
         heads = shape[-3] if len(shape) >= 4 else site.num_heads
         keep = kept if heads == site.num_heads else kept_kv
         anchors[operand] = torch.isin(_head_index(shape, site.num_heads), keep)
+    if positions is not None:
+        dims = _size_dims(site)
+        for operand, dim in zip((query, key, value), dims):
+            anchors[operand] = anchors[operand] & _along(positions, values[operand].shape, dim)
 
     masks: dict[torch.fx.Node, torch.Tensor] = dict(anchors)
     upstream = set()
@@ -162,15 +259,16 @@ def plan_fold(values: dict, site: AttentionSite, num_heads: int) -> FoldPlan:
         elif node not in downstream_of_core or node is core_out:
             # Inside the core (scores, softmax, dropout, AV product): core layout.
             masks[node] = torch.isin(_head_index(values[node].shape, site.num_heads), kept)
+            if node is core_out and positions is not None:
+                masks[node] = masks[node] & _along(positions, values[node].shape, _size_dims(site)[3])
     out_prov = _replay(region_between([core_out], o_input), {core_out: masks[core_out].long()}, values, "exact")
     for node, ids in out_prov.items():
         if isinstance(ids, torch.Tensor) and node not in masks:
             masks[node] = ids.bool()
     region += _side_branches(region, masks, values, o_input)
-    _check_no_leak(values, site, projections, anchors, masks)
-    roles = [(site.query_node, query)] + ([(site.key_node, key)] if site.num_kv_heads == site.num_heads else [])
-    head_columns = {proj: _head_columns(values, proj, anchor, site.num_heads) for proj, anchor in roles}
-    return FoldPlan(site, members, masks, region, head_columns)
+    if positions is None:  # a head's positions may mix (norms over the head): only heads must not
+        _check_no_leak(values, site, projections, anchors, masks)
+    return masks, region
 
 
 def _side_branches(region, masks, values, o_input) -> list[torch.fx.Node]:
@@ -239,33 +337,30 @@ def _check_no_leak(values, site, projections, anchors, masks) -> None:
 # ------------------------------------------------------------------------------ new shapes
 
 
-def _kept_per_dim(mask: torch.Tensor) -> list[torch.Tensor]:
-    """For each dim, which indices keep any element; the mask must be their outer product."""
-    per_dim = [mask.movedim(d, 0).reshape(mask.shape[d], -1).any(1) for d in range(mask.dim())]
-    block = per_dim[0].view(-1, *[1] * (mask.dim() - 1)) if mask.dim() else mask
-    for d in range(1, mask.dim()):
-        block = block & per_dim[d].view(*[1] * d, -1, *[1] * (mask.dim() - d - 1))
-    if mask.dim() and not torch.equal(block, mask):
-        raise FoldError("the surviving heads do not form a block of a tensor")
-    return per_dim
-
-
 def apply_fold(gm: torch.fx.GraphModule, values: dict, plan: FoldPlan, config: SwitchHeadConfig,
-               generator: torch.Generator, init_scale: float) -> SitePlan:
-    """Resize the site's graph to the kept heads and build the expert plan of the folded heads."""
-    keeps = {n: _kept_per_dim(m) for n, m in plan.masks.items()}
-    edits = [_edit_for(n, values, keeps) for n in plan.region]  # validate everything before mutating
+               generator: torch.Generator, init_scale: float, copies: dict | None = None) -> SitePlan:
+    """Resize the site's graph to the kept heads (and new head size) and build its expert plan.
+    `copies` shares the positional chains copied for a new head size between sites."""
+    sizes = plan.sizes
+    edits = [_edit_for(n, values, sizes) for n in plan.region]  # validate everything before mutating
+    operands = _head_size_operands(plan, values) if plan.resized else []
     graph = gm.graph
     for node, edit in zip(plan.region, edits):
         if edit is not None:
             edit(graph, node)
-    _fold_external_operands(gm, plan, values, keeps, config)
-    projection_weights = _fold_projections(gm, values, plan, config)
+    for consumer, ext, dim in operands:
+        new = resize_head_operand(gm, values, ext, consumer, dim, plan.site.head_dim, plan.head_dim,
+                                  plan.site.path, copies if copies is not None else {})
+        consumer.replace_input_with(ext, new)
+    if plan.resized:
+        rescale_scores(plan.site, plan.region, plan.site.head_dim, plan.head_dim)
+    heads_only = sizes.heads_only if isinstance(sizes, ScaledSizes) else sizes
+    _fold_external_operands(gm, plan, values, heads_only.keeps, config)
+    if plan.resized:
+        projection_weights = _random_projections(gm, values, plan, generator)
+    else:
+        projection_weights = _fold_projections(gm, values, plan, config)
     return _expert_plan(values, plan, projection_weights, config, generator, init_scale)
-
-
-def _new_shape(node, values, keeps) -> list[int]:
-    return [int(k.sum()) for k in keeps[node]]
 
 
 def _scaled(graph: torch.fx.Graph, arg: Any, old: int, new: int) -> Any:
@@ -278,7 +373,7 @@ def _scaled(graph: torch.fx.Graph, arg: Any, old: int, new: int) -> Any:
     return graph.call_function(operator.floordiv, (graph.call_function(operator.mul, (arg, new // gcd)), old // gcd))
 
 
-def _edit_for(node: torch.fx.Node, values: dict, keeps: dict):
+def _edit_for(node: torch.fx.Node, values: dict, sizes: MaskSizes | ScaledSizes):
     """A function that rewrites `node`'s size arguments, None if it needs none; FoldError if the
     op's sizes cannot be rewritten."""
     target = node.target
@@ -286,11 +381,11 @@ def _edit_for(node: torch.fx.Node, values: dict, keeps: dict):
     if node.op != "call_function":
         return None
     source = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
-    changed = isinstance(value, torch.Tensor) and node in keeps and _new_shape(node, values, keeps) != list(value.shape)
+    changed = isinstance(value, torch.Tensor) and node in sizes and sizes.shape(node) != list(value.shape)
     if target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default):
         if not changed:
             return None
-        old, new = list(value.shape), _new_shape(node, values, keeps)
+        old, new = list(value.shape), sizes.shape(node)
 
         def edit(graph, node, old=old, new=new):
             with graph.inserting_before(node):
@@ -299,10 +394,10 @@ def _edit_for(node: torch.fx.Node, values: dict, keeps: dict):
         return edit
     if target in (aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default):
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-        keep = keeps[source][dim % values[source].dim()]
+        dim %= values[source].dim()
         pieces = [v.shape[dim] for v in value]
-        bounds = torch.tensor([0, *pieces]).cumsum(0)
-        new_sizes = [int(keep[bounds[i]:bounds[i + 1]].sum()) for i in range(len(pieces))]
+        bounds = torch.tensor([0, *pieces]).cumsum(0).tolist()
+        new_sizes = [sizes.count(source, dim, bounds[i], bounds[i + 1]) for i in range(len(pieces))]
         if new_sizes == pieces:
             return None
 
@@ -311,26 +406,27 @@ def _edit_for(node: torch.fx.Node, values: dict, keeps: dict):
             node.args, node.kwargs = (node.args[0], new_sizes, dim), {}
         return edit
     if target in (aten.slice.Tensor, aten.narrow.default, aten.select.int):
-        dim = node.args[1] if len(node.args) > 1 else 0
-        keep = keeps[source][dim % values[source].dim()]
-        if bool(keep.all()):
+        dim_arg = node.args[1] if len(node.args) > 1 else 0
+        dim = dim_arg % values[source].dim()
+        if sizes.whole(source, dim):
             return None
-        size = keep.numel()
+        size = values[source].shape[dim]
         if target is aten.select.int:
             index = node.args[2] % size
-            if not keep[index]:
+            if not sizes.kept(source, dim, index):
                 raise FoldError("a selected head is folded away")
-            new_args = (node.args[0], dim, int(keep[:index].sum()))
+            new_args = (node.args[0], dim_arg, sizes.count(source, dim, 0, index))
         elif target is aten.narrow.default:
             start = node.args[2] % size
-            new_args = (node.args[0], dim, int(keep[:start].sum()), int(keep[start:start + node.args[3]].sum()))
+            new_args = (node.args[0], dim_arg, sizes.count(source, dim, 0, start),
+                        sizes.count(source, dim, start, start + node.args[3]))
         else:
             start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
             end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
             if (len(node.args) > 4 and node.args[4] != 1) or not isinstance(start, int) or not isinstance(end, int):
                 raise FoldError("a strided or symbolic slice crosses the heads")
             start, end = max(0, min(start % size if start < 0 else start, size)), max(0, min(end, size))
-            new_args = (node.args[0], dim, int(keep[:start].sum()), int(keep[:end].sum()))
+            new_args = (node.args[0], dim_arg, sizes.count(source, dim, 0, start), sizes.count(source, dim, 0, end))
 
         def edit(graph, node, new_args=new_args):
             node.args = new_args
@@ -339,7 +435,7 @@ def _edit_for(node: torch.fx.Node, values: dict, keeps: dict):
         if not changed:
             return None
         dim = node.args[1] % values[source].dim()
-        new_sizes = _new_shape(node, values, keeps)[dim:dim + len(node.args[2])]
+        new_sizes = sizes.shape(node)[dim:dim + len(node.args[2])]
 
         def edit(graph, node, new_sizes=new_sizes):
             node.args = (node.args[0], node.args[1], new_sizes)
@@ -348,7 +444,7 @@ def _edit_for(node: torch.fx.Node, values: dict, keeps: dict):
         if not changed:
             return None
         dim = node.args[2] % value.dim()
-        repeats = _new_shape(node, values, keeps)[dim] // _new_shape(source, values, keeps)[dim]
+        repeats = sizes.shape(node)[dim] // sizes.shape(source)[dim]
 
         def edit(graph, node, repeats=repeats):
             node.args = (node.args[0], repeats, *node.args[2:])
@@ -356,8 +452,36 @@ def _edit_for(node: torch.fx.Node, values: dict, keeps: dict):
     if target in _SIZE_FREE or is_pointwise(target):
         return None
     if changed:
-        raise FoldError(f"cannot change the number of heads through {getattr(target, '__name__', target)}")
+        raise FoldError(f"cannot change the {'head size' if isinstance(sizes, ScaledSizes) else 'number of heads'} "
+                        f"through {getattr(target, '__name__', target)}")
     return None
+
+
+def _head_size_operands(plan: FoldPlan, values) -> list[tuple[torch.fx.Node, torch.fx.Node, int]]:
+    """(consumer, operand, dim) of every tensor from outside the region that enters a pointwise op
+    (or baddbmm's additive input) along a dim that carries the head size, e.g. RoPE's cos and sin
+    or a Q/K norm's weight. Such an operand must not carry the heads as well."""
+    sizes, region = plan.sizes, set(plan.region)
+    heads_only = sizes.heads_only.keeps
+    found = []
+    for node in plan.region:
+        if node not in sizes or not (is_pointwise(node.target) or node.target is aten.baddbmm.default):
+            continue
+        externals = [node.args[0]] if node.target is aten.baddbmm.default else node.all_input_nodes
+        out_rank = values[node].dim()
+        for ext in externals:
+            if not isinstance(ext, torch.fx.Node) or ext in region or not isinstance(values.get(ext), torch.Tensor):
+                continue
+            ext_shape = values[ext].shape
+            lead = out_rank - len(ext_shape)
+            spanned = [d for d in range(max(lead, 0), out_rank) if ext_shape[d - lead] != 1]
+            size_dims = [d for d in spanned if sizes.carries_head_size(node, d)]
+            if not size_dims:
+                continue
+            if len(size_dims) > 1 or any(not bool(heads_only[node][d].all()) for d in spanned):
+                raise FoldError(f"{describe(ext)} spans the heads or the head size twice: cannot resize it")
+            found.append((node, ext, size_dims[0] - lead))
+    return found
 
 
 def _fold_external_operands(gm, plan: FoldPlan, values, keeps, config) -> None:
@@ -456,25 +580,61 @@ def _fold_projections(gm, values, plan: FoldPlan, config) -> dict[torch.fx.Node,
     for proj, (weight, bias) in folded.items():
         keep = plan.masks[proj].reshape(-1, weight.shape[0]).any(0)
         results[proj] = (weight, bias, keep.nonzero().flatten())
-        if proj is not site.value_node:
+        if proj is not site.value_node and not (bool(keep.all()) and proj not in plan.head_columns):
             _set_projection(gm, proj, weight[keep], None if bias is None else bias[keep], site.path)
     return results
 
 
-def _set_projection(gm, proj, weight, bias, path) -> None:
-    """Point a projection node at new (smaller) weights registered on the attention module."""
+def _random_projections(gm, values, plan: FoldPlan, generator) -> dict[torch.fx.Node, tuple]:
+    """New random (weight [F2, d], bias [F2] of zeros, all F2 columns) of each projection for the
+    new head size, with the original weight's std; Q and K are put in the graph, V is returned for
+    the expert rewrite (the Q/K rows of a fused projection stay dense there)."""
+    site = plan.site
+    results = {}
+    for proj in {site.query_node, site.key_node, site.value_node}:
+        weight, bias = linear_weight(values, proj)  # [F, d]
+        rows = plan.sizes.shape(proj)[-1]
+        std = float(weight.float().std()) if weight.numel() > 1 else 1.0
+        new_weight = (torch.randn(rows, weight.shape[1], generator=generator) * std).to(weight.device, weight.dtype)
+        new_bias = None if bias is None else torch.zeros(rows, dtype=bias.dtype, device=bias.device)
+        results[proj] = (new_weight, new_bias, torch.arange(rows))
+        if proj is not site.value_node:
+            role = "qk" if site.query_node is site.key_node else "q" if proj is site.query_node else "k"
+            _set_projection(gm, proj, new_weight, new_bias, site.path, role)
+    return results
+
+
+def _resized_columns(plan: FoldPlan, values, node: torch.fx.Node, columns: torch.Tensor) -> torch.Tensor:
+    """[n, dh2] columns of the new tensor `node` (last dim) holding the heads whose old columns
+    are `columns` [n, dh]; each head's columns must be contiguous and in order."""
+    head_dim = columns.shape[1]
+    starts = columns[:, 0]
+    if not torch.equal(columns, starts[:, None] + torch.arange(head_dim)):
+        raise FoldError(f"the heads' dims are not contiguous in {describe(node)}: cannot resize them")
+    dim = values[node].dim() - 1
+    new_starts = torch.tensor([plan.sizes.count(node, dim, 0, int(start)) for start in starts])
+    return new_starts[:, None] + torch.arange(plan.head_dim)
+
+
+def _set_projection(gm, proj, weight, bias, path, name: str = "folded") -> None:
+    """Point a projection node at new weights (`<path>.<name>_weight`, `_bias`); the old ones go
+    when nothing reads them any more."""
     graph = gm.graph
     owner = _module(gm, path)
     _, weight_node, bias_node, transposed = linear_parts(proj)
-    name = register(owner, path, "folded_weight", (weight.t() if transposed else weight).contiguous())
+    weight_name = register(owner, path, f"{name}_weight", (weight.t() if transposed else weight).contiguous())
     with graph.inserting_before(proj):
-        new_weight = graph.get_attr(name)
+        new_weight = graph.get_attr(weight_name)
         proj.replace_input_with(weight_node, new_weight)
         if bias is not None and isinstance(bias_node, torch.fx.Node):
-            proj.replace_input_with(bias_node, graph.get_attr(register(owner, path, "folded_bias", bias)))
+            proj.replace_input_with(bias_node, graph.get_attr(register(owner, path, f"{name}_bias", bias)))
+    freed = set()
     for old in (weight_node, bias_node):
         if isinstance(old, torch.fx.Node) and not old.users and old.op in ("get_attr", "call_function"):
+            if old.op == "get_attr":
+                freed.add(old.target)
             graph.erase_node(old)
+    drop_unused_attributes(gm, freed)
 
 
 def _expert_plan(values, plan: FoldPlan, projection_weights, config, generator, init_scale) -> SitePlan:
@@ -492,12 +652,17 @@ def _expert_plan(values, plan: FoldPlan, projection_weights, config, generator, 
     kv_heads = kv_of_query[members[:, 0]].unique() if gqa else kv_of_query[members[:, 0]]
     value_columns = site.value_columns[kv_heads]  # [G2, dh]
 
-    o_keep = plan.masks[linear_parts(site.output_node)[0]]
-    o_keep = o_keep.reshape(-1, o_keep.shape[-1]).any(0)
-    new_index = torch.cumsum(o_keep.long(), 0) - 1
-    output_columns = new_index[site.output_columns[members[:, 0]]]  # [H2, dh]
+    o_input = linear_parts(site.output_node)[0]
+    if plan.resized:
+        value_columns = _resized_columns(plan, values, site.value_node, value_columns)  # [G2, dh2]
+        output_columns = _resized_columns(plan, values, o_input, site.output_columns[members[:, 0]])  # [H2, dh2]
+    else:
+        o_keep = plan.masks[o_input]
+        o_keep = o_keep.reshape(-1, o_keep.shape[-1]).any(0)
+        new_index = torch.cumsum(o_keep.long(), 0) - 1
+        output_columns = new_index[site.output_columns[members[:, 0]]]  # [H2, dh]
 
-    d_in, head_dim = site.embed_dim, site.head_dim
+    d_in, head_dim = site.embed_dim, plan.head_dim
     if config.init == "random":
         weights = expert_init.random_init(len(kv_heads), new_heads, num_experts, d_in, site.query_dim, head_dim,
                                           site.out_dim, v_bias is not None, init_scale, generator,

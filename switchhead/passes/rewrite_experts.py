@@ -163,7 +163,8 @@ def _rewrite_site(gm, values, site: AttentionSite, plan: SitePlan, config: Switc
     before = _replace(graph, v_proj, v_new, before, replaced_attrs)
 
     # ---- O: fan-in expert projection routed on the destination (query) tokens.
-    width = plan.num_heads * site.head_dim
+    head_dim = plan.output_columns.shape[1]  # the plan's: a head-size change differs from the site's
+    width = plan.num_heads * head_dim
     o_bias = linear_parts(o_proj)[2]
     with graph.inserting_before(o_proj):
         z2, lead = _rows(graph, o_input, values[o_input].dim(), width)
@@ -171,7 +172,7 @@ def _rewrite_site(gm, values, site: AttentionSite, plan: SitePlan, config: Switc
         if not torch.equal(head_columns, torch.arange(width)):
             order_name = register(owner, site.path, "o_column_order", head_columns.clone(), buffer=True)
             z2 = graph.call_function(aten.index_select.default, (z2, -1, graph.get_attr(order_name)))
-        heads = graph.call_function(aten.reshape.default, (z2, [-1, plan.num_heads, site.head_dim]))
+        heads = graph.call_function(aten.reshape.default, (z2, [-1, plan.num_heads, head_dim]))
         q2, _ = _rows(graph, site.query_input, values[site.query_input].dim(), site.query_dim)
         index, gates = _router(graph, q2, names["o_router"], plan.num_heads, num_experts, config.top_k)
         o_out = graph.call_function(torch.ops.switchhead.expert_o.default, (
