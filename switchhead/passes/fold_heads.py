@@ -68,6 +68,10 @@ _SIZE_FREE = CAST_OPS | NOOP_OPS | {
 }
 
 
+# Normalisations over trailing dims: (input, normalized_shape, weight, [bias], ...).
+_NORMS = {aten.layer_norm.default, aten.rms_norm.default}
+
+
 @dataclasses.dataclass
 class FoldPlan:
     site: AttentionSite
@@ -105,7 +109,7 @@ def fold_sites(gm: torch.fx.GraphModule, values: dict, sites: list[AttentionSite
             plans[index] = apply_fold(gm, values, fold, config, generator, init_scale, copies)
         except FoldError as exc:
             raise _mismatch(fold.site, exc, config) from None
-    _erase_unused(gm.graph, list(copies))
+    _erase_unused(gm, list(copies))
     return plans
 
 
@@ -116,18 +120,21 @@ def _mismatch(site: AttentionSite, exc: FoldError, config: SwitchHeadConfig) -> 
                                f"{exc}; leave head_dim unset or exclude this module with module_filter")
 
 
-def _erase_unused(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
-    """Erase the computations (not the attributes) that no node reads any more, and their inputs
-    that only they read: the original positional chains a new head size replaced."""
-    stack, erased = list(nodes), set()
+def _erase_unused(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> None:
+    """Erase what no node reads any more, and the inputs only it read: the positional chains and
+    norm weights that a new head size replaced (attributes too, when nothing else reads them)."""
+    stack, erased, freed = list(nodes), set(), set()
     while stack:
         node = stack.pop()
-        if node in erased or node.users or node.op != "call_function":
+        if node in erased or node.users or node.op not in ("call_function", "get_attr"):
             continue
+        if node.op == "get_attr":
+            freed.add(node.target)
         inputs = node.all_input_nodes
-        graph.erase_node(node)
+        gm.graph.erase_node(node)
         erased.add(node)
         stack.extend(inputs)
+    drop_unused_attributes(gm, freed)
 
 
 def group_heads(site: AttentionSite, num_heads: int) -> torch.Tensor:
@@ -440,6 +447,18 @@ def _edit_for(node: torch.fx.Node, values: dict, sizes: MaskSizes | ScaledSizes)
         def edit(graph, node, new_sizes=new_sizes):
             node.args = (node.args[0], node.args[1], new_sizes)
         return edit
+    if target in _NORMS and changed:  # a Q/K norm over the head (timm's qk_norm): over the new size
+        trailing = range(value.dim() - len(node.args[1]), value.dim())
+        heads = sizes.heads_only if isinstance(sizes, ScaledSizes) else sizes
+        if not all(heads.whole(node, d) for d in trailing):
+            raise FoldError(f"{describe(node)} normalises across heads: cannot change the number of heads through it")
+        new_shape = sizes.shape(node)[-len(node.args[1]):]
+        if new_shape == list(node.args[1]):
+            return None
+
+        def edit(graph, node, new_shape=new_shape):
+            node.args = (node.args[0], new_shape, *node.args[2:])
+        return edit
     if target is aten.repeat_interleave.self_int:
         if not changed:
             return None
@@ -465,9 +484,10 @@ def _head_size_operands(plan: FoldPlan, values) -> list[tuple[torch.fx.Node, tor
     heads_only = sizes.heads_only.keeps
     found = []
     for node in plan.region:
-        if node not in sizes or not (is_pointwise(node.target) or node.target is aten.baddbmm.default):
+        if node not in sizes or not (is_pointwise(node.target) or node.target in _NORMS | {aten.baddbmm.default}):
             continue
-        externals = [node.args[0]] if node.target is aten.baddbmm.default else node.all_input_nodes
+        externals = [node.args[0]] if node.target is aten.baddbmm.default else \
+            node.args[2:4] if node.target in _NORMS else node.all_input_nodes
         out_rank = values[node].dim()
         for ext in externals:
             if not isinstance(ext, torch.fx.Node) or ext in region or not isinstance(values.get(ext), torch.Tensor):

@@ -29,6 +29,8 @@ from switchhead.passes.rewrite_experts import register
 
 aten = torch.ops.aten
 _RTOL = 1e-4  # how closely a constant must match a power of the head size, frequencies a progression
+# What a per-dim weight of a new head size starts at, by the op it enters: neutral elements.
+_FILL = {aten.mul.Tensor: 1.0, aten.div.Tensor: 1.0, aten.add.Tensor: 0.0, aten.sub.Tensor: 0.0}
 
 
 class FoldError(Exception):
@@ -208,7 +210,7 @@ def resize_head_operand(gm: torch.fx.GraphModule, values: dict, ext: torch.fx.No
                         dim: int, head_dim: int, new_head_dim: int, path: str, cache: dict) -> torch.fx.Node:
     """A node computing `ext` (an operand of `consumer` whose `dim` has the head size) for the new
     head size: RoPE cos/sin rebuilt from frequencies for new_head_dim with the same base, or a
-    per-dim weight (a Q/K norm's) re-initialised to ones (zeros where it is added). The chain from
+    per-dim weight (a Q/K norm's) re-initialised to ones (its bias, or a term added, to zeros). The chain from
     its root to `ext` is copied, so other users of the original keep it; `cache` shares the copies
     between sites."""
     if ext in cache:
@@ -291,7 +293,10 @@ def _weight_root(ext, values, consumer, head_dim, new_head_dim):
         node = node.args[0]
     if node.op != "get_attr" or _line(values.get(node), head_dim) is None:
         return None
-    fill = {aten.mul.Tensor: 1.0, aten.div.Tensor: 1.0, aten.add.Tensor: 0.0, aten.sub.Tensor: 0.0}.get(consumer.target)
+    if consumer.target in (aten.layer_norm.default, aten.rms_norm.default):
+        fill = 1.0 if consumer.args[2] is ext else 0.0  # (input, shape, weight, bias, ...)
+    else:
+        fill = _FILL.get(consumer.target)
     if fill is None:
         raise FoldError(f"a per-dimension weight of size {head_dim} enters {describe(consumer)}: cannot resize it")
     value = values[node]

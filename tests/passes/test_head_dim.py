@@ -220,6 +220,29 @@ def test_47m_configuration_with_an_odd_head_size():
     assert new(torch.randint(0, 50, (3, 4))).shape == (3, 4, 50)
 
 
+@pytest.mark.parametrize("config", [{"init": "random", "head_dim": 20}, {"init": "fold"}], ids=["random-dh20", "fold"])
+def test_layer_norm_over_the_head_follows(config):
+    """timm's qk_norm: LayerNorm(dh) on q and k. A new head size restarts it at weight 1, bias 0;
+    folding keeps it (it normalises inside each head)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                              num_heads=4, embed_dim=64, num_classes=10, qk_norm=True).eval()
+    new = switchhead.convert(model, (torch.randn(2, 3, 32, 32),), config=switchhead.SwitchHeadConfig(
+        num_heads=2, num_experts=2, top_k=1, **config))
+    params = dict(new.named_parameters())
+    if "head_dim" in config:
+        assert bool((params["blocks.0.attn.q_norm.weight_dh20"] == 1).all())
+        bias = params["blocks.0.attn.k_norm.bias_dh20"]
+        assert bias.shape == (20,) and bool((bias == 0).all())
+        assert "blocks.0.attn.q_norm.weight" not in params  # the old size's weight is gone
+    else:
+        assert params["blocks.0.attn.q_norm.weight"].shape == (16,)
+    out = new(torch.randn(3, 3, 32, 32))
+    out.sum().backward()
+    assert out.shape == (3, 10) and all(p.grad is not None for n, p in new.named_parameters() if "norm" in n)
+
+
 # ------------------------------------------------------------------ refusals
 
 
@@ -263,7 +286,8 @@ class DoubleScaled(nn.Module):
 ])
 def test_head_size_terms_that_cannot_follow_are_refused(module, message):
     torch.manual_seed(0)
-    with pytest.raises(switchhead.SwitchHeadError, match=f"cannot resize the heads of <root> to head_dim=12: .*{message}.*leave head_dim unset"):
+    expected = f"cannot resize the heads of <root> to head_dim=12: .*{message}.*leave head_dim unset"
+    with pytest.raises(switchhead.SwitchHeadError, match=expected):
         _random(module().eval(), (torch.randn(2, 7, 32),), head_dim=12)
 
 
