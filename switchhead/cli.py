@@ -24,8 +24,9 @@ from rich.console import Console
 from rich.table import Table
 
 import switchhead
+from switchhead.healing.command import check_heal_options, heal_converted, heal_options
 from switchhead.io import SaveError, output_state, save
-from switchhead.model_file import load_model_file, user_frame
+from switchhead.model_file import load_model_file, load_tokenizer, user_frame
 from switchhead.report import versions
 
 PROG = "switchhead-rewrite"
@@ -165,12 +166,13 @@ class Steps:
 @click.option("--entry", metavar="NAME", help="Model (or function returning it) in the model file [model, build_model].")
 @click.option("--inputs", "inputs_name", metavar="NAME", help="Example inputs (or function) in the model file [example_inputs].")
 @click.option("--traceback", "show_traceback", is_flag=True, help="Show the Python traceback of an error.")
+@heal_options
 @click.pass_context
 def main(ctx: click.Context, model_file: Path, experts: int | None, top_k: int, init: str, heads: int | None,
          head_dim: int | None, fold_qk: str, seq_len: int, module_filter: str | None, output: Path, onnx_path: Path | None,
          onnx_inline: bool, dry_run: bool, report_json: Path | None,
          quiet: bool, as_json: bool, seed: int, force: bool, entry: str | None, inputs_name: str | None,
-         show_traceback: bool) -> int:
+         show_traceback: bool, **heal_params: Any) -> int:
     """Rewrite every multi-head attention of the model in MODEL_FILE into SwitchHead attention
     (mixture-of-experts V and O projections) and save the result."""
     show = not (quiet or as_json)
@@ -188,10 +190,11 @@ def main(ctx: click.Context, model_file: Path, experts: int | None, top_k: int, 
         config = _config(experts, top_k, init, heads, head_dim, fold_qk, module_filter, seed)
         if seq_len < 1:
             raise CliError(f"--seq-len must be at least 1, got {seq_len}", ExitCode.USAGE)
+        heal = check_heal_options(ctx, heal_params, dry_run, lambda message: CliError(message, ExitCode.USAGE))
         if not dry_run:
             _check_output(output, force)
         result = _run(model_file, entry, inputs_name, config, output, dry_run, force, steps, out, seq_len,
-                      onnx_path, onnx_inline)
+                      onnx_path, onnx_inline, heal)
         result["timings_s"] = {k: round(v, 3) for k, v in steps.timings.items()}
         result["timings_s"]["total"] = round(sum(steps.timings.values()), 3)
         if report_json is not None:
@@ -251,10 +254,11 @@ def _check_output(output: Path, force: bool) -> None:
 
 def _run(model_file: Path, entry: str | None, inputs_name: str | None, config, output: Path, dry_run: bool,
          force: bool, steps: Steps, out: Console | None, seq_len: int, onnx_path: Path | None = None,
-         onnx_inline: bool = False) -> dict[str, Any]:
+         onnx_inline: bool = False, heal=None) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     steps.start("load")
     loaded = load_model_file(model_file, entry, inputs_name)
+    tokenizer = _heal_tokenizer(loaded) if heal is not None and heal.enabled else None
     if dry_run:
         return _dry_run(loaded, config, steps, out)
     try:
@@ -267,6 +271,7 @@ def _run(model_file: Path, entry: str | None, inputs_name: str | None, config, o
     if out is not None:
         _print_tables(out, report.sites, report.skipped, {s["path"] for s in report.sites})
         _print_costs(out, report)
+    healed = _heal(loaded, converted, heal, tokenizer, steps) if tokenizer is not None else None
     steps.start("save")
     extra = {"source": str(model_file), "timings_s": {k: round(v, 3) for k, v in steps.timings.items()}}
     try:
@@ -276,9 +281,32 @@ def _run(model_file: Path, entry: str | None, inputs_name: str | None, config, o
     steps.done()
     result = {**report.to_dict(), "dry_run": False, "source": str(model_file), "output": str(target),
               "output_files": sorted(p.name for p in target.iterdir())}
+    if healed is not None:
+        result["heal"] = healed
     if onnx_path is not None:
         result["onnx"] = _export_onnx(converted, (loaded.args, loaded.kwargs), onnx_path, onnx_inline, steps)
     return result
+
+
+def _heal_tokenizer(loaded):
+    """The model file's tokenizer, which --heal-data needs."""
+    tokenizer = load_tokenizer(loaded)
+    if tokenizer is None:
+        raise CliError(f"--heal-data needs the model's tokenizer: define `tokenizer` or `get_tokenizer()` in "
+                       f"{loaded.path.name} (e.g. `tokenizer = AutoTokenizer.from_pretrained(...)`)", ExitCode.USAGE)
+    return tokenizer
+
+
+def _heal(loaded, converted, heal, tokenizer, steps: Steps) -> dict[str, Any]:
+    """Heal the converted model against the original (its own progress bar: no spinner meanwhile)."""
+    started = time.perf_counter()
+    echo = steps.console.print if steps.console is not None else (lambda message: None)
+    try:
+        summary = heal_converted(loaded, converted, heal, tokenizer, steps.console is not None, echo)
+    except (ValueError, FileNotFoundError) as exc:
+        raise CliError(f"healing: {(str(exc).strip().splitlines() or [''])[0]}", ExitCode.USAGE) from exc
+    steps.timings["heal"] = time.perf_counter() - started
+    return summary
 
 
 def _export_onnx(converted, inputs, path: Path, inline: bool, steps: Steps) -> dict[str, Any]:

@@ -6,6 +6,13 @@ inputs (a tuple), the keyword inputs (a dict) or both (`(args, kwargs)`). Other 
 (`entry`, `inputs`). Without example inputs in the file, a model that describes its own inputs
 (an `example_inputs()` method, a Hugging Face `dummy_inputs`) is used as is.
 
+For healing from text files (`--heal-data`), the file also provides the model's tokenizer: a
+module-level `tokenizer` or a function `get_tokenizer()` returning one (only called when needed).
+It must behave like a Hugging Face tokenizer: `tokenizer(text, add_special_tokens=False)
+["input_ids"]` gives a text's token ids, and `eos_token_id` (or `sep_token_id`), when not None,
+separates documents; encoders healed on sentences also need the batch call
+`tokenizer(texts, padding=..., truncation=True, max_length=N, return_tensors="pt")`.
+
 The file is imported from its path under a private module name: it needs no package and no
 `sys.path` entry (its own folder is on `sys.path` while it runs, as with `python model.py`, so it
 can import the files next to it). Every failure is a ModelFileError with one line that points at
@@ -31,6 +38,7 @@ from switchhead.errors import MissingInputsError, SwitchHeadError
 
 MODEL_NAMES = ("model", "build_model")
 INPUT_NAMES = ("example_inputs",)
+TOKENIZER_NAMES = ("tokenizer", "get_tokenizer")
 
 
 class ModelFileError(SwitchHeadError):
@@ -54,6 +62,28 @@ def load_model_file(path: str | Path, entry: str | None = None, inputs: str | No
         model = _model_of(module, path, entry)
         args, kwargs = _inputs_of(module, path, inputs, model)
     return ModelFile(path, module, model, args, kwargs)
+
+
+def load_tokenizer(loaded: ModelFile) -> Any | None:
+    """The model file's tokenizer: its `tokenizer`, or what `get_tokenizer()` returns; None when it
+    defines neither."""
+    for name in TOKENIZER_NAMES:
+        if not hasattr(loaded.module, name):
+            continue
+        value = getattr(loaded.module, name)
+        if name == "get_tokenizer":
+            if not callable(value):
+                raise ModelFileError(f"{loaded.path.name}: `get_tokenizer` is a {type(value).__name__}, expected a function")
+            with _on_sys_path(loaded.path.resolve().parent):
+                value = _call_user(value, f"{loaded.path.name}: get_tokenizer()", loaded.path)
+            name = "get_tokenizer()"
+        if value is None:
+            continue
+        if not callable(value):
+            raise ModelFileError(f"{loaded.path.name}: `{name}` is a {type(value).__name__}; a tokenizer is called as "
+                                 "tokenizer(text, add_special_tokens=False) and returns {'input_ids': [...]}")
+        return value
+    return None
 
 
 def import_file(path: Path) -> types.ModuleType:

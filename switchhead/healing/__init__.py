@@ -9,9 +9,9 @@ from switchhead.healing.checkpoint import CheckpointError, latest_checkpoint, lo
 from switchhead.healing.config import HealConfig
 from switchhead.healing.data import HealData, PackedTokens, Sentences, pack_files, split_files, text_lines
 from switchhead.healing.distill import HealInterrupted, HealResult, heal
-from switchhead.healing.recipes import heal_on_files
+from switchhead.healing.recipes import file_data, heal_on_files
 
 __all__ = [
     "CheckpointError", "HealConfig", "HealData", "HealInterrupted", "HealResult", "PackedTokens", "Sentences",
-    "data", "heal", "heal_on_files", "latest_checkpoint", "load_checkpoint", "pack_files", "split_files", "text_lines",
+    "data", "file_data", "heal", "heal_on_files", "latest_checkpoint", "load_checkpoint", "pack_files", "split_files", "text_lines",
 ]

@@ -24,6 +24,11 @@ class HealConfig:
             `lr * min_lr_ratio` at `steps`.
         stop_at: end this invocation at this step (with a checkpoint when checkpoint_dir is set)
             while the schedule still runs to `steps`: for jobs with a time limit, resumed later.
+        time_limit_s: a wall-clock budget for the whole run (the first evaluation and the first,
+            compiling, step included): training ends when it is spent, and the cosine decay runs
+            on the fraction of the budget spent after the first step (or on steps, whichever is
+            further), so a run of any speed ends at the low learning rate. `steps` stays an upper
+            bound. Timed runs are not bit-for-bit reproducible (the schedule follows the clock).
         warmup: linear warmup steps (from lr / warmup).
         min_lr_ratio: final learning rate as a fraction of `lr`.
         weight_decay: AdamW decoupled weight decay (applied to tensors with 2+ dims only).
@@ -42,6 +47,7 @@ class HealConfig:
             (cosine similarity of mean-pooled embeddings to the teacher's), "auto" (causal_lm when
             the output has logits).
         eval_every: evaluate on `eval_data` every this many steps (0: only at start and end).
+        eval_every_s: also evaluate when this many seconds passed since the last evaluation (0: off).
         eval_samples: at most this many held-out sequences per evaluation (0: all).
         checkpoint_dir: where checkpoints go (None: no checkpoints).
         checkpoint_every: write a checkpoint every this many steps (0: only at the end and on Ctrl-C).
@@ -62,6 +68,7 @@ class HealConfig:
     steps: int = 1000
     lr: float = 1e-4
     stop_at: int | None = None
+    time_limit_s: float | None = None
     warmup: int = 50
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -74,6 +81,7 @@ class HealConfig:
     temperature: float = 1.0
     task: Literal["auto", "causal_lm", "encoder"] = "auto"
     eval_every: int = 100
+    eval_every_s: float = 0.0
     eval_samples: int = 256
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
@@ -101,7 +109,10 @@ class HealConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        for name in ("weight_decay", "grad_clip"):
+        if self.time_limit_s is not None and not (isinstance(self.time_limit_s, (int, float))
+                                                  and math.isfinite(self.time_limit_s) and self.time_limit_s > 0):
+            raise ValueError(f"time_limit_s must be a positive number of seconds, got {self.time_limit_s!r}")
+        for name in ("weight_decay", "grad_clip", "eval_every_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
@@ -125,12 +136,13 @@ class HealConfig:
         if self.version != HEAL_CONFIG_VERSION:
             raise ValueError(f"heal config version {self.version} is not supported (this build reads {HEAL_CONFIG_VERSION})")
 
-    def lr_at(self, step: int) -> float:
-        """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine decay."""
+    def lr_at(self, step: int, time_fraction: float = 0.0) -> float:
+        """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine decay over
+        the steps, or over the time budget when `time_fraction` (of it spent) is further."""
         if step < self.warmup:
             return self.lr * (step + 1) / self.warmup
         span = max(self.steps - self.warmup, 1)
-        progress = min((step - self.warmup) / span, 1.0)
+        progress = min(max((step - self.warmup) / span, time_fraction), 1.0)
         floor = self.lr * self.min_lr_ratio
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 

@@ -199,6 +199,24 @@ class _Run:
         self.loss_name = self.task = None
         self.teacher_metrics: dict[str, float] | None = None
         self.last_checkpoint: str | None = None
+        # The run's clock (seconds, the same on every process: the mean of their clocks, shared in
+        # the step's collective). It goes on across a resume; the time budget's decay starts after
+        # the first (compiling) step.
+        self.clock_offset, self.clock, self.first_step_clock, self.last_eval_clock = 0.0, 0.0, None, 0.0
+        self.started = time.perf_counter()
+
+    def _local_clock(self) -> float:
+        return self.clock_offset + time.perf_counter() - self.started
+
+    def _time_fraction(self) -> float:
+        """How much of the time budget after the first step is spent (0 without a budget)."""
+        limit = self.cfg.time_limit_s
+        if limit is None or self.first_step_clock is None:
+            return 0.0
+        return 1.0 if limit <= self.first_step_clock else (self.clock - self.first_step_clock) / (limit - self.first_step_clock)
+
+    def _lr(self, step: int) -> float:
+        return self.cfg.lr_at(step, self._time_fraction())
 
     # ---------------------------------------------------------------------- checkpoints
 
@@ -217,6 +235,9 @@ class _Run:
         self.history, self.evals = meta["history"], meta["evals"]
         self.teacher_metrics = meta.get("teacher_metrics")
         self.last_checkpoint = str(path)
+        self.clock_offset = self.clock = self.last_eval_clock = float(meta.get("elapsed_s", 0.0))
+        self.first_step_clock = meta.get("first_step_s")
+        self.started = time.perf_counter()
 
     def _save(self) -> None:
         if self.cfg.checkpoint_dir is None:
@@ -227,7 +248,8 @@ class _Run:
         if self.info.is_main:
             meta = {"tokens": self.tokens, "samples": self.step * self.global_batch, "global_batch": self.global_batch,
                     "world_size": self.info.world, "config": self.cfg.to_dict(), "history": self.history,
-                    "evals": self.evals, "teacher_metrics": self.teacher_metrics}
+                    "evals": self.evals, "teacher_metrics": self.teacher_metrics, "elapsed_s": self.clock,
+                    "first_step_s": self.first_step_clock}
             path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, model, optimizer,
                                         {k: v for r in rngs for k, v in r.items()}, meta, self.cfg.keep_checkpoints)
             self.last_checkpoint = str(path)
@@ -270,6 +292,8 @@ class _Run:
         else:
             record["cosine"] = sums[0].item() / max(sums[1].item(), 1)
         record["eval_samples"] = total
+        record["elapsed_s"] = round(self.clock, 3)
+        self.last_eval_clock = self.clock
         self.evals.append(record)
         if self.log:
             self.log({"kind": "eval", **record})
@@ -288,17 +312,18 @@ class _Run:
             s_out = self.call_student(*args, **kwargs)
         mask_of = lambda shape, device: token_mask(kwargs, shape, device)  # noqa: E731
         loss_sum, count = LOSSES[self.loss_name](s_out, t_out, mask_of, cfg.temperature)
-        # One collective: the global token count, and whether any process was asked to stop.
-        shared = D.all_sum(torch.stack([count.detach().float(),
-                                        torch.tensor(float(stop.signal is not None), device=count.device)]), info)
-        global_count = shared[0].clamp_min(1)
+        # One collective: the global token count, whether any process was asked to stop, the clock.
+        flags = torch.tensor([float(stop.signal is not None), self._local_clock()], dtype=torch.float64)
+        shared = D.all_sum(torch.cat([count.detach().double().reshape(1), flags.to(count.device)]), info)
+        global_count = shared[0].float().clamp_min(1)
         (loss_sum * info.world / global_count).backward()
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
                      if cfg.grad_clip > 0 else torch.zeros((), device=self.device))
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr_at(self.step)
+            group["lr"] = self._lr(self.step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.clock = shared[2].item() / info.world
         return loss_sum.detach(), global_count, grad_norm, bool(shared[1].item() > 0)
 
     def run(self) -> HealResult:
@@ -319,29 +344,36 @@ class _Run:
         with bar, _StopFlag() as stop:
             bar.advance_to(self.step)
             while self.step < end:
+                lr = self._lr(self.step)
                 loss_sum, global_count, grad_norm, stopping = self._train_step(stop)
                 self.step += 1
+                if self.first_step_clock is None:
+                    self.first_step_clock = self.clock
+                out_of_time = cfg.time_limit_s is not None and self.clock >= cfg.time_limit_s
                 self.tokens += int(global_count.item())
                 window_loss += D.all_sum(loss_sum, info).item() if info.world > 1 else loss_sum.item()
                 window_count += global_count.item()
                 window_tokens += int(global_count.item())
-                last = self.step == end or stopping
+                last = self.step == end or stopping or out_of_time
                 if self.step % cfg.log_every == 0 or last:
                     elapsed = time.perf_counter() - window_start
                     record = {"kind": "train", "step": self.step, "tokens": self.tokens,
-                              "loss": window_loss / max(window_count, 1), "lr": cfg.lr_at(self.step - 1),
+                              "loss": window_loss / max(window_count, 1), "lr": lr,
                               "grad_norm": float(grad_norm), "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
                     self.history.append(record)
                     bar.update(self.step, record["loss"], record["tokens_per_s"])
                     if self.log:
                         self.log(record)
                     window_loss, window_count, window_tokens, window_start = 0.0, 0.0, 0, time.perf_counter()
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
+                if not last and ((cfg.eval_every and self.step % cfg.eval_every == 0) or
+                                 (cfg.eval_every_s and self.clock - self.last_eval_clock >= cfg.eval_every_s)):
                     self._evaluate()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not last:
                     self._save()
                 if stopping:
                     interrupted = True
+                    break
+                if out_of_time:
                     break
         if not interrupted and (not self.evals or self.evals[-1]["step"] != self.step):
             self._evaluate()
