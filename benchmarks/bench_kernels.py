@@ -2,7 +2,7 @@
 
 For the paper's shapes and T = 8k..64k tokens, times in one run, each through a CUDA graph replay
 (triton.testing.do_bench_cudagraph, median; launch overhead out, L2 not flushed, same for every row):
-  ours     torch.ops.switchhead.expert_v / expert_o (routing on device + Triton kernels), and their
+  ours     torch.ops.switchhead.expert_v / expert_o (Triton routing + Triton kernels), and their
            forward+backward (autograd through both ops: dx, dW, d gates for V and O);
   cublas   a FLOP-matched dense GEMM: V [T, d] @ [d, H*k*dh], O [T, H*k*dh] @ [H*k*dh, d],
            fwd+bwd the two as nn.Linear-style forward + backward (dX, dW);
@@ -10,7 +10,8 @@ For the paper's shapes and T = 8k..64k tokens, times in one run, each through a 
   grouped  gather rows per (head, expert) + torch._grouped_mm + gate + scatter/sum (index_add).
 Useful FLOPs: 2*T*H*k*d*dh per projection forward, 3x that for forward+backward.
 
-    PYTHONPATH=. python benchmarks/bench_kernels.py [--tokens 8192 16384 ...] [--write BENCHMARKS.md] [--sweep]
+    PYTHONPATH=. python benchmarks/bench_kernels.py [--tokens 8192 16384 ...] [--shapes 262M ...]
+        [--write BENCHMARKS.md] [--sweep] [--breakdown [--breakdown-tokens 16384]]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
 import switchhead.kernels  # noqa: F401  (registers the ops)
-from switchhead.kernels import routing
+from switchhead.kernels import route_triton, routing
 from switchhead.kernels.fan_in import fan_in
 from switchhead.kernels.fan_out import TileConfig, fan_out
 from switchhead.kernels.wgrad import expert_wgrad
@@ -234,9 +235,8 @@ def sweep(shapes: list[Shape], t: int) -> list[str]:
         (128, 64, 64, 4, 3), (64, 256, 32, 8, 3), (128, 256, 32, 8, 3), (64, 64, 32, 4, 4))]
     for s in shapes:
         p = problem(s, t)
-        table = routing.gate_table(p["idx_v"], p["g_v"], s.e)
-        bits = routing.expert_bits(p["idx_v"])
-        ho, so = routing.head_order(bits, s.e), routing.signature_order(bits, s.e)
+        r = route_triton.route(p["idx_v"], p["g_v"], s.e, head=True, sig=True)
+        table, bits, ho, so = r.table, r.bits, r.head_order, r.sig_order
         flops = 2 * t * s.h * s.k * s.d * s.dh
         for name, call in (
             ("fan_out V", lambda c: fan_out(p["x"], p["w_v"], None, table, bits, ho, config=c)),
@@ -255,37 +255,62 @@ def sweep(shapes: list[Shape], t: int) -> list[str]:
     return lines
 
 
+ROUTE_VARIANTS = {  # what each op's routing computes (triton_ops.py)
+    "V fwd": dict(head=True),
+    "O fwd": dict(sig=True),
+    "V bwd": dict(sig=True, groups=True),
+    "O bwd": dict(head=True, groups=True),
+}
+
+
 def breakdown(shapes: list[Shape], t: int) -> list[str]:
-    """Where forward+backward time goes: routing and each kernel alone (routing precomputed)."""
+    """Where forward+backward time goes: routing (old torch ops vs the Triton counting sort, per op) and
+    each kernel alone (routing precomputed), and forward+backward with either routing."""
     lines = []
     for s in shapes:
         p = problem(s, t)
         idx, g = p["idx_v"], p["g_v"]
-        table = routing.gate_table(idx, g, s.e)
-        bits = routing.expert_bits(idx)
-        ho, so = routing.head_order(bits, s.e), routing.signature_order(bits, s.e)
-        groups = routing.expert_groups(idx, g, s.e)
+        old = route_triton.route_torch(idx, g, s.e, sig=True, head=True, groups=True)
+        new = route_triton.route(idx, g, s.e, sig=True, head=True, groups=True)
+        table, bits, ho = new.table, new.bits, new.head_order
         gy_v = torch.randn(t, s.h, s.dh, device="cuda", dtype=p["x"].dtype)
         x_heads = p["x"].unsqueeze(1).expand(t, s.h, s.d)
         gy_heads = p["gy"].unsqueeze(1).expand(t, s.h, s.d)
         flops = 2 * t * s.h * s.k * s.d * s.dh
         parts = {
-            "gate_table+bits": (lambda: (routing.gate_table(idx, g, s.e), routing.expert_bits(idx)), 0),
-            "head_order": (lambda: routing.head_order(bits, s.e), 0),
-            "signature_order": (lambda: routing.signature_order(bits, s.e), 0),
-            "expert_groups": (lambda: routing.expert_groups(idx, g, s.e), 0),
+            "torch gate_table+bits": (lambda: (routing.gate_table(idx, g, s.e), routing.expert_bits(idx)), 0),
+            "torch head_order": (lambda: routing.head_order(bits, s.e), 0),
+            "torch signature_order": (lambda: routing.signature_order(bits, s.e), 0),
+            "torch expert_groups": (lambda: routing.expert_groups(idx, g, s.e), 0),
+        }
+        for op, kw in ROUTE_VARIANTS.items():
+            parts[f"route {op}: torch"] = (lambda kw=kw: route_triton.route_torch(idx, g, s.e, **kw), 0)
+            parts[f"route {op}: triton"] = (lambda kw=kw: route_triton.route(idx, g, s.e, **kw), 0)
+        parts |= {
             "fan_out V fwd": (lambda: fan_out(p["x"], p["w_v"], None, table, bits, ho), flops),
-            "fan_in O fwd": (lambda: fan_in(p["attn"], p["w_o"], table, bits, so), flops),
-            "fan_in V dX+dG": (lambda: fan_in(gy_v, p["w_v"].transpose(2, 3), table, bits, so, p["x"]), flops),
+            "fan_in O fwd (old sig)": (lambda: fan_in(p["attn"], p["w_o"], table, bits, old.sig_order), flops),
+            "fan_in O fwd (new sig)": (lambda: fan_in(p["attn"], p["w_o"], table, bits, new.sig_order), flops),
+            "fan_in V dX+dG": (lambda: fan_in(gy_v, p["w_v"].transpose(2, 3), table, bits, new.sig_order, p["x"]),
+                               flops),
             "fan_out O dA+dG": (lambda: fan_out(p["gy"], p["w_o"].transpose(2, 3), None, table, bits, ho,
                                                 p["attn"]), flops),
-            "wgrad V dW": (lambda: expert_wgrad(x_heads, gy_v, *groups, s.e, False, torch.bfloat16), flops),
-            "wgrad O dW": (lambda: expert_wgrad(p["attn"], gy_heads, *groups, s.e, False, torch.bfloat16), flops),
+            "wgrad V dW": (lambda: expert_wgrad(x_heads, gy_v, *new.groups, s.e, False, torch.bfloat16), flops),
+            "wgrad O dW": (lambda: expert_wgrad(p["attn"], gy_heads, *new.groups, s.e, False, torch.bfloat16),
+                           flops),
         }
+        fwd_bwd = ours(p, s)[2]
         for name, (fn, f) in parts.items():
             ms = bench(fn, f"breakdown {s.name} {name}")
             rate = f" {f / ms * 1e-9:5.0f} TFLOP/s" if f else ""
-            lines.append(f"breakdown {s.name} T={t // 1024}k {name:16s} {ms * 1e3:7.1f} us{rate}")
+            lines.append(f"breakdown {s.name} T={t // 1024}k {name:24s} {ms * 1e3:7.1f} us{rate}")
+        for label, force in (("torch", True), ("triton", False)):
+            route_triton.FORCE_TORCH = force
+            try:
+                ms = bench(fwd_bwd, f"breakdown {s.name} fwd+bwd {label} routing")
+            finally:
+                route_triton.FORCE_TORCH = False
+            lines.append(f"breakdown {s.name} T={t // 1024}k {'fwd+bwd, ' + label + ' routing':24s} {ms * 1e3:7.1f} us")
+        torch.cuda.empty_cache()
     return lines
 
 
@@ -316,25 +341,31 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     ap.add_argument("--write", type=Path, help="write the table into this markdown file's '## Kernels' section")
     ap.add_argument("--sweep", action="store_true", help="also time tile configs of the two forward kernels")
-    ap.add_argument("--breakdown", action="store_true", help="also time routing and each kernel alone at 16k")
+    ap.add_argument("--breakdown", action="store_true", help="also time routing and each kernel alone")
+    ap.add_argument("--breakdown-tokens", type=int, default=16384, help="tokens of the --breakdown problems")
+    ap.add_argument("--shapes", nargs="+", choices=[s.name for s in SHAPES], help="only these shapes")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
     versions = f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}"
     if args.sweep:
-        for line in sweep(SHAPES, 16384):
+        for line in sweep(SHAPES if not args.shapes else [s for s in SHAPES if s.name in args.shapes], 16384):
             print(line, flush=True)
-    extra = breakdown(SHAPES, 16384) if args.breakdown else []
-    rows, notes = run(SHAPES, args.tokens)
+    shapes = [s for s in SHAPES if not args.shapes or s.name in args.shapes]
+    extra = breakdown(shapes, args.breakdown_tokens) if args.breakdown else []
+    rows, notes = run(shapes, args.tokens)
     notes += NOTES
     body = "\n".join([
         f"Device: {dev}; {versions}; bf16, random routing, CUDA-graph replay medians.",
         f"Command: `PYTHONPATH=. python benchmarks/bench_kernels.py --tokens {' '.join(map(str, args.tokens))}"
-        f"{' --write ' + str(args.write) if args.write else ''}{' --breakdown' if extra else ''}`",
+        f"{' --shapes ' + ' '.join(args.shapes) if args.shapes else ''}"
+        f"{' --write ' + str(args.write) if args.write else ''}"
+        f"{' --breakdown --breakdown-tokens ' + str(args.breakdown_tokens) if extra else ''}`",
         "% cuBLAS = time of a FLOP-matched cuBLAS GEMM / our time; vs dense / vs grouped_mm = their time / ours.",
         "", table(rows), "", *[f"- {n}" for n in notes],
-        *(["", "Time per part at 16k tokens (routing precomputed for the kernels):", "", "```", *extra, "```"]
-          if extra else []),
+        *(["", f"Time per part at {args.breakdown_tokens // 1024}k tokens (routing precomputed for the kernels; "
+            "'route <op>' = all the routing one op call computes, old torch ops vs the Triton counting sort):",
+            "", "```", *extra, "```"] if extra else []),
     ])
     if args.write:
         write_section(args.write, body)

@@ -3,7 +3,8 @@
 Shape legend: N tokens, d width, H heads, E experts per head, k active, dh head size, d_out width.
 
 Each projection and its backward is a `torch.library.triton_op` (`switchhead::expert_v_triton`, ...)
-whose body is device routing (torch ops, no host sync) plus `wrap_triton` kernel launches:
+whose body is device routing (route_triton.route: three Triton launches, no host sync) plus
+`wrap_triton` kernel launches:
 
     expert_v           fan_out(x, W_V)                         sum over k in registers
     expert_v_backward  fan_in(dY, W_V^T) -> dx, dG (x row dots) ; wgrad(x, dY) -> dW_V, db
@@ -27,6 +28,7 @@ from torch import Tensor
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 from switchhead.kernels import ops, routing
+from switchhead.kernels.route_triton import route
 from switchhead.kernels.fan_in import fan_in
 from switchhead.kernels.fan_out import fan_out
 from switchhead.kernels.wgrad import expert_wgrad
@@ -51,10 +53,9 @@ def expert_v_triton(
     """expert_v on Triton: x [N, d], weight [H, E, d, dh] -> [N, H*dh]."""
     h, _, _, dh = weight.shape
     e = _check_experts(weight)
-    table = routing.gate_table(expert_index, gates, e)
-    bits = routing.expert_bits(expert_index)
+    r = route(expert_index, gates, e, head=True)
     b = bias.contiguous() if bias is not None else None
-    out, _ = fan_out(x, weight, b, table, bits, routing.head_order(bits, e))
+    out, _ = fan_out(x, weight, b, r.table, r.bits, r.head_order)
     return out.view(x.shape[0], h * dh)
 
 
@@ -68,15 +69,12 @@ def expert_v_backward_triton(
     e = _check_experts(weight)
     x = x.contiguous()
     gy = grad_out.to(x.dtype).contiguous().view(n, h, dh)
-    table = routing.gate_table(expert_index, gates, e)
-    bits = routing.expert_bits(expert_index)
-    order = routing.signature_order(bits, e)
-    grad_x, dense = fan_in(gy, weight.transpose(2, 3), table, bits, order, gate_input=x)
+    r = route(expert_index, gates, e, sig=True, groups=True)
+    grad_x, dense = fan_in(gy, weight.transpose(2, 3), r.table, r.bits, r.sig_order, gate_input=x)
     if bias is not None:
         dense = dense + torch.einsum("nhc,hec->nhe", gy.float(), bias.float())
-    tokens, sorted_gates, offsets = routing.expert_groups(expert_index, gates, e)
     grad_w, grad_b = expert_wgrad(
-        x.unsqueeze(1).expand(n, h, d), gy, tokens, sorted_gates, offsets, e, bias is not None, weight.dtype
+        x.unsqueeze(1).expand(n, h, d), gy, *r.groups, e, bias is not None, weight.dtype
     )
     grad_b = grad_b.to(bias.dtype) if grad_b is not None and bias is not None else weight.new_empty(0)
     return grad_x, grad_w, grad_b, _gate_grad(dense, expert_index, gates)
@@ -86,9 +84,8 @@ def expert_v_backward_triton(
 def expert_o_triton(attn: Tensor, weight: Tensor, expert_index: Tensor, gates: Tensor) -> Tensor:
     """expert_o on Triton: attn [N, H, dh], weight [H, E, dh, d_out] -> [N, d_out]."""
     e = _check_experts(weight)
-    table = routing.gate_table(expert_index, gates, e)
-    bits = routing.expert_bits(expert_index)
-    out, _ = fan_in(attn, weight, table, bits, routing.signature_order(bits, e))
+    r = route(expert_index, gates, e, sig=True)
+    out, _ = fan_in(attn, weight, r.table, r.bits, r.sig_order)
     return out
 
 
@@ -101,13 +98,9 @@ def expert_o_backward_triton(
     e, d_out = _check_experts(weight), weight.shape[3]
     attn = attn.contiguous()
     gy = grad_out.to(attn.dtype).contiguous()
-    table = routing.gate_table(expert_index, gates, e)
-    bits = routing.expert_bits(expert_index)
-    grad_attn, dense = fan_out(gy, weight.transpose(2, 3), None, table, bits, routing.head_order(bits, e), gate_input=attn)
-    tokens, sorted_gates, offsets = routing.expert_groups(expert_index, gates, e)
-    grad_w, _ = expert_wgrad(
-        attn, gy.unsqueeze(1).expand(n, h, d_out), tokens, sorted_gates, offsets, e, False, weight.dtype
-    )
+    r = route(expert_index, gates, e, head=True, groups=True)
+    grad_attn, dense = fan_out(gy, weight.transpose(2, 3), None, r.table, r.bits, r.head_order, gate_input=attn)
+    grad_w, _ = expert_wgrad(attn, gy.unsqueeze(1).expand(n, h, d_out), *r.groups, e, False, weight.dtype)
     return grad_attn, grad_w, _gate_grad(dense, expert_index, gates)
 
 

@@ -66,3 +66,24 @@ def rel_err(out: Tensor, ref: Tensor) -> float:
         return float("inf")
     ref = ref.double()
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check_routing(r, idx: Tensor, gates: Tensor, e: int, block: int) -> None:
+    """route_triton.route's outputs (all asked for) against stable torch sorts: the same permutations,
+    expert groups in (block, slot, token) order, offsets, gate table and bit masks."""
+    from switchhead.kernels import route_triton, routing
+
+    n, h, k = idx.shape
+    bits = routing.expert_bits(idx)
+    assert torch.equal(r.bits, bits) and torch.equal(r.table, routing.gate_table(idx, gates, e))
+    # head order: per head a stable sort of the expert sets; signature order: of the reduced signature
+    assert torch.equal(r.head_order.long(), torch.sort(bits.t(), dim=1, stable=True).indices)
+    assert torch.equal(r.sig_order.long(), torch.sort(route_triton.signature_key(idx, e), stable=True).indices)
+    tok = torch.arange(n, device=idx.device).view(n, 1, 1).expand(n, h, k)
+    slot = torch.arange(k, device=idx.device).view(1, 1, k).expand(n, h, k)
+    group = (torch.arange(h, device=idx.device).view(1, h, 1) * e + idx).flatten()
+    enum = ((tok // block * k + slot) * block + tok % block).flatten()
+    perm = torch.sort(group * (n + block) * k + enum, stable=True).indices
+    assert torch.equal(r.tokens.long(), tok.flatten()[perm]) and torch.equal(r.sorted_gates, gates.flatten()[perm])
+    counts = torch.bincount(group, minlength=h * e)
+    assert torch.equal(r.offsets.long(), torch.cat([counts.new_zeros(1), counts.cumsum(0)]))

@@ -14,12 +14,12 @@ import torch
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/kernels/test_interpret.py"
 
 import switchhead.kernels  # noqa: E402,F401
-from switchhead.kernels import reference, routing  # noqa: E402
+from switchhead.kernels import reference, route_triton, routing  # noqa: E402
 from switchhead.kernels.fan_in import fan_in, fan_in_reference  # noqa: E402
 from switchhead.kernels.fan_out import TileConfig, fan_out, fan_out_reference  # noqa: E402
 from switchhead.kernels.wgrad import expert_wgrad, expert_wgrad_reference  # noqa: E402
 
-from _cases import Shape, make_problem, rel_err  # noqa: E402
+from _cases import Shape, check_routing, make_problem, rel_err  # noqa: E402
 
 # bf16 is checked on the GPU only: the interpreter computes tl.dot on bf16 raw bits (triton 3.8).
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
@@ -114,3 +114,65 @@ def test_routing_orders_are_permutations() -> None:
     tokens, _, offsets = routing.expert_groups(p.expert_index, p.gates, s.e)
     assert offsets[-1].item() == s.n * s.h * s.k and torch.equal(offsets.diff(), bits.new_tensor(
         [(p.expert_index[:, h] == e).sum().item() for h in range(s.h) for e in range(s.e)]))
+
+
+def _routing_case(n: int, h: int, e: int, k: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(n * 1000 + h * 100 + e * 10 + k)
+    if kind == "one expert":  # every token picks the same k experts: one key holds everything
+        idx = torch.arange(k).expand(n, h, k).clone()
+    elif kind == "few experts":  # only experts 0..k (k+1 of E): the others get no tokens
+        idx = torch.rand(n, h, k + 1, generator=gen).topk(k, dim=-1).indices
+    else:
+        idx = torch.rand(n, h, e, generator=gen).topk(k, dim=-1).indices
+    return idx, torch.rand(n, h, k, generator=gen)
+
+
+ROUTE_CASES = [  # (N, H, E, k, kind, block): N = 1, N not a multiple of the block, E up to 8, H up to 8
+    (37, 3, 5, 2, "random", 16),
+    (1, 1, 1, 1, "random", 16),
+    (45, 2, 8, 3, "few experts", 16),
+    (29, 8, 4, 1, "one expert", 8),
+    (40, 4, 6, 3, "random", 8),
+]
+
+
+@pytest.mark.parametrize(("n", "h", "e", "k", "kind", "block"), ROUTE_CASES, ids=str)
+def test_route_kernels_against_torch(n: int, h: int, e: int, k: int, kind: str, block: int) -> None:
+    """The three routing launches vs stable torch sorts: same permutations, groups, offsets, table."""
+    idx, gates = _routing_case(n, h, e, k, kind)
+    r = route_triton.route(idx, gates, e, head=True, sig=True, groups=True,
+                           config=route_triton.RouteConfig(block=block))
+    check_routing(r, idx, gates, e, block)
+    # grouping: each group contiguous at its offsets and holding exactly its assignments
+    for g in range(h * e):
+        lo, hi = r.offsets[g].item(), r.offsets[g + 1].item()
+        members = r.tokens[lo:hi].long()
+        assert torch.equal(idx[members, g // e].eq(g % e).any(-1), torch.ones(hi - lo, dtype=torch.bool))
+    # permutations: every token exactly once per head / once overall
+    assert torch.equal(r.head_order.long().sort(1).values, torch.arange(n).expand(h, n))
+    assert torch.equal(r.sig_order.long().sort().values, torch.arange(n))
+    # deterministic: a second call gives bitwise the same outputs
+    again = route_triton.route(idx, gates, e, head=True, sig=True, groups=True,
+                               config=route_triton.RouteConfig(block=block))
+    for name in ("table", "bits", "head_order", "sig_order", "tokens", "sorted_gates", "offsets"):
+        assert torch.equal(getattr(r, name), getattr(again, name)), name
+
+
+def test_route_subsets_and_torch_fallback() -> None:
+    """Only the requested fields come back; E > 8 takes the torch path with the same meaning."""
+    idx, gates = _routing_case(21, 2, 4, 2, "random")
+    r = route_triton.route(idx, gates, 4, table=False, head=True, config=route_triton.RouteConfig(block=8))
+    assert r.table is None and r.sig_order is None and r.tokens is None
+    assert torch.equal(r.head_order.long(), torch.sort(r.bits.t(), dim=1, stable=True).indices)
+    idx, gates = _routing_case(21, 2, 12, 3, "random")
+    r = route_triton.route(idx, gates, 12, sig=True, groups=True)
+    assert torch.equal(r.sig_order.sort().values, torch.arange(21))
+    assert r.offsets[-1].item() == 21 * 2 * 3 and torch.equal(r.table, routing.gate_table(idx, gates, 12))
+
+
+def test_signature_layout() -> None:
+    """The paper's shapes: 262M sorts heads 0-2 of 4 (6^3 keys), 262M-Wt103 head 0, 47M both heads."""
+    assert route_triton.signature_layout(4, 2, 4) == (6, 3)
+    assert route_triton.signature_layout(8, 4, 2) == (70, 1)
+    assert route_triton.signature_layout(5, 3, 2) == (10, 2)
+    assert route_triton.signature_layout(3, 3, 5) == (1, 1)
