@@ -24,7 +24,7 @@ def test_tiny_cpu_run_writes_json_and_section(tmp_path):
     out = tmp_path / "out"
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text("# Benchmarks\n\n## Kernels\n\nkernel table\n\n## End-to-end\n\nold numbers\n\n## Healing\n\nheal\n")
-    results = bench.main(["--device", "cpu", "--tiny", "--out", str(out), "--seq-lens", "16", "--tokens", "32",
+    results = bench.main(["--device", "cpu", "--tiny", "--out", str(out), "--seq-lens", "24", "--tokens", "48",
                           "--warmup", "0", "--iters", "1", "--profile", "--write", str(doc)])
 
     saved = json.loads((out / "e2e.json").read_text())
@@ -39,11 +39,11 @@ def test_tiny_cpu_run_writes_json_and_section(tmp_path):
     assert rows[("train", "switchhead")]["loss"] > 0
     geometry = saved["pairs"]["tiny"]["geometry"]
     assert geometry["num_heads"] == 2 and geometry["num_experts"] == 3
-    assert (out / "profile_tiny_16_switchhead.txt").read_text().strip()
+    assert (out / "profile_tiny_24_switchhead.txt").read_text().strip()
 
     text = doc.read_text()
     assert "old numbers" not in text and "kernel table" in text and "## Healing\n\nheal" in text
-    assert text.count("## End-to-end") == 1 and "| tiny | 16 | 2 |" in text
+    assert text.count("## End-to-end") == 1 and "| tiny | 24 | 2 |" in text
     # regenerating from the JSON gives the same section
     bench.main(["--from-json", str(out / "e2e.json"), "--write", str(doc)])
     assert doc.read_text() == text
