@@ -69,6 +69,7 @@ class Row:
 
 
 NOTES: list[str] = []
+REP_MS = 60  # do_bench(_cudagraph) measuring time per timing (--rep)
 
 
 def bench(fn: Callable[[], object], label: str = "") -> float:
@@ -76,11 +77,11 @@ def bench(fn: Callable[[], object], label: str = "") -> float:
     fn()
     torch.cuda.synchronize()
     try:
-        return do_bench_cudagraph(fn, rep=60, return_mode="median")
+        return do_bench_cudagraph(fn, rep=REP_MS, return_mode="median")
     except RuntimeError as err:
         NOTES.append(f"{label}: not capturable in a CUDA graph ({str(err).splitlines()[0][:100]}), timed eagerly")
         torch.cuda.synchronize()
-        return do_bench(fn, rep=60, return_mode="median")
+        return do_bench(fn, rep=REP_MS, return_mode="median")
 
 
 def problem(s: Shape, t: int, dtype=torch.bfloat16):
@@ -303,6 +304,7 @@ def breakdown(shapes: list[Shape], t: int) -> list[str]:
             ms = bench(fn, f"breakdown {s.name} {name}")
             rate = f" {f / ms * 1e-9:5.0f} TFLOP/s" if f else ""
             lines.append(f"breakdown {s.name} T={t // 1024}k {name:24s} {ms * 1e3:7.1f} us{rate}")
+            print(lines[-1], flush=True)
         for label, force in (("torch", True), ("triton", False)):
             route_triton.FORCE_TORCH = force
             try:
@@ -310,6 +312,7 @@ def breakdown(shapes: list[Shape], t: int) -> list[str]:
             finally:
                 route_triton.FORCE_TORCH = False
             lines.append(f"breakdown {s.name} T={t // 1024}k {'fwd+bwd, ' + label + ' routing':24s} {ms * 1e3:7.1f} us")
+            print(lines[-1], flush=True)
         torch.cuda.empty_cache()
     return lines
 
@@ -337,6 +340,7 @@ def write_section(path: Path, body: str) -> None:
 
 
 def main() -> None:
+    global REP_MS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     ap.add_argument("--write", type=Path, help="write the table into this markdown file's '## Kernels' section")
@@ -344,7 +348,9 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="also time routing and each kernel alone")
     ap.add_argument("--breakdown-tokens", type=int, default=16384, help="tokens of the --breakdown problems")
     ap.add_argument("--shapes", nargs="+", choices=[s.name for s in SHAPES], help="only these shapes")
+    ap.add_argument("--rep", type=int, default=REP_MS, help="ms of measurement per timing")
     args = ap.parse_args()
+    REP_MS = args.rep
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
     versions = f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}"
@@ -360,7 +366,8 @@ def main() -> None:
         f"Command: `PYTHONPATH=. python benchmarks/bench_kernels.py --tokens {' '.join(map(str, args.tokens))}"
         f"{' --shapes ' + ' '.join(args.shapes) if args.shapes else ''}"
         f"{' --write ' + str(args.write) if args.write else ''}"
-        f"{' --breakdown --breakdown-tokens ' + str(args.breakdown_tokens) if extra else ''}`",
+        f"{' --breakdown --breakdown-tokens ' + str(args.breakdown_tokens) if extra else ''}"
+        f"{' --rep ' + str(args.rep) if args.rep != 60 else ''}`",
         "% cuBLAS = time of a FLOP-matched cuBLAS GEMM / our time; vs dense / vs grouped_mm = their time / ours.",
         "", table(rows), "", *[f"- {n}" for n in notes],
         *(["", f"Time per part at {args.breakdown_tokens // 1024}k tokens (routing precomputed for the kernels; "
