@@ -56,15 +56,17 @@ class ConversionReport:
                 for site in self.sites]
 
     def cost_table(self, seq_len: int) -> list[tuple[str, str, str, str]]:
-        """Rows (label, before, after, after/before) over all sites, for the report and the CLI."""
-        return accounting.format_table(*accounting.totals(self.site_costs(seq_len)))
+        """Rows (label, before, after, after/before) over all sites, for the report and the CLI: the
+        heads and head size of each side first, then the costs."""
+        per_site = self.site_costs(seq_len)
+        return [_geometry_row(per_site), *accounting.format_table(*accounting.totals(per_site))]
 
     def cost_summary(self, seq_len: int) -> dict[str, Any]:
         per_site = self.site_costs(seq_len)
         before, after = accounting.totals(per_site)
         return {
             "seq_len": seq_len,
-            "table": [list(row) for row in accounting.format_table(before, after)],
+            "table": [list(row) for row in self.cost_table(seq_len)],
             "total_before": dataclasses.asdict(before),
             "total_after": dataclasses.asdict(after),
             "sites": [{"path": c.path, "before": dataclasses.asdict(c.before), "after": dataclasses.asdict(c.after)}
@@ -76,6 +78,17 @@ class ConversionReport:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _geometry_row(per_site: list[accounting.SiteCosts]) -> tuple[str, str, str, str]:
+    """('heads x head dim', e.g. '16 x 64', '4 x 112, E=4, k=2', ''); distinct geometries joined."""
+    def describe(g: accounting.AttentionGeometry) -> str:
+        text = f"{g.num_heads} x {g.head_dim}" + (f" ({g.num_kv_heads} KV)" if g.num_kv_heads != g.num_heads else "")
+        return text + (f", E={g.num_experts}, k={g.top_k}" if g.moe else "")
+
+    def joined(geometries) -> str:
+        return "; ".join(dict.fromkeys(describe(g) for g in geometries))
+    return ("heads x head dim", joined(c.dense for c in per_site), joined(c.switchhead for c in per_site), "")
 
 
 def versions() -> dict[str, str]:

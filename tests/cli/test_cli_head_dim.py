@@ -16,6 +16,7 @@ def test_head_dim_converts_reports_and_saves(run_cli, write_model, tmp_path):
     printed = json.loads(result.stdout)
     assert all((s["num_heads"], s["head_dim"], s["new_num_heads"], s["new_head_dim"]) == (2, 8, 1, 12)
                for s in printed["sites"])
+    assert printed["costs"]["table"][0] == ["heads x head dim", "2 x 8", "1 x 12, E=3, k=2", ""]
     kv_cache = next(row for row in printed["costs"]["table"] if row[0] == "KV cache per token")
     assert kv_cache[1:] == ["256B", "192B", "0.75x"]  # 2 x heads x head size x 4 bytes, twice: 2 x 8 -> 1 x 12
     loaded = switchhead.load(out)

@@ -203,6 +203,7 @@ def test_paper_262m_configuration_costs_follow_the_new_head_size():
     assert (round(accounting.paper_macs(dense, 512) / 1e9, 1), round(accounting.paper_memory(dense, 512) / 1e6)) \
         == (5.4, 21)
     table = {row[0]: row[1:] for row in switchhead.report_of(new).cost_table(512)}
+    assert table["heads x head dim"] == ("16 x 64", "4 x 112, E=4, k=2", "")
     assert table["KV cache per token"][:2] == ("8.19KB", "3.58KB")  # 2 H dh fp32 bytes: 16 x 64 -> 4 x 112
 
 
