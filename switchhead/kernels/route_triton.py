@@ -43,6 +43,7 @@ E > MAX_COUNTING_EXPERTS (2^E head keys) falls back to the torch-op routing of r
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,9 @@ from switchhead.kernels import routing
 MAX_COUNTING_EXPERTS = 8  # 2^8 = 256 head-order keys per head
 SIG_KEYS = 1024  # bound on the signature key space (per-block histograms of this many bins)
 MIN_BLOCK = 32
-FORCE_TORCH = False  # route with routing.py's torch ops instead (the benchmark's old-vs-new comparison)
+# route with routing.py's torch ops instead: the benchmark's old-vs-new comparison, and a way around
+# the Triton routing (SWITCHHEAD_TORCH_ROUTING=1) should it ever fail on a machine
+FORCE_TORCH = os.environ.get("SWITCHHEAD_TORCH_ROUTING") == "1"
 
 
 @dataclass(frozen=True)
