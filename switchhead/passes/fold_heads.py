@@ -117,7 +117,7 @@ def _mismatch(site: AttentionSite, exc: FoldError, config: SwitchHeadConfig) -> 
     if config.head_dim is None:
         return ConfigMismatchError(f"cannot fold the heads of {site.path or '<root>'}: {exc}")
     return ConfigMismatchError(f"cannot resize the heads of {site.path or '<root>'} to head_dim={config.head_dim}: "
-                               f"{exc}; leave head_dim unset or exclude this module with module_filter")
+                               f"{exc}; change num_heads / head_dim or exclude this module with module_filter")
 
 
 def _erase_unused(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> None:

@@ -287,7 +287,7 @@ class DoubleScaled(nn.Module):
 ])
 def test_head_size_terms_that_cannot_follow_are_refused(module, message):
     torch.manual_seed(0)
-    expected = f"cannot resize the heads of <root> to head_dim=12: .*{message}.*leave head_dim unset"
+    expected = f"cannot resize the heads of <root> to head_dim=12: .*{message}.*exclude this module"
     with pytest.raises(switchhead.SwitchHeadError, match=expected):
         _random(module().eval(), (torch.randn(2, 7, 32),), head_dim=12)
 
