@@ -1,16 +1,25 @@
 """Is a SwitchHead rewrite exported to ONNX as fast in stock onnxruntime (CPU) as the dense original?
 
-For a small Llama (GQA) and a small ViT, at two sequence lengths, batch 1, float32, onnxruntime CPU
-with default graph optimisations, in one run:
-  dense      the original model exported with export_onnx (no custom ops);
-  upcycled   convert(init="upcycle"): same heads, E=4 experts, k=2;
-  folded     convert(init="fold", num_heads=...): fewer heads, experts folded from the dense heads
-             (skipped where this build has no head folding);
-each SwitchHead form twice: `ai.switchhead` nodes + model-local functions ("custom") and the same
-bodies inlined ("inline"). All forms of one model are timed round-robin (load from other processes
-hits them alike); each form's latency is its best per-round median.
+For a small Llama (GQA) and a small ViT (Hugging Face transformers, no timm), at two sequence lengths,
+batch 1, float32, onnxruntime CPU with default graph optimisations, in one run:
+  dense            the original model exported with export_onnx (no custom ops);
+  folded custom    convert(init="fold", num_heads=2): fewer heads, V/O experts folded from the dense
+                   heads; `ai.switchhead` nodes + model-local functions (what export_onnx writes);
+  folded inline    the same model with the function bodies written in place (inline=True);
+  folded v0 bodies the custom form with the first (commit c2d796a) function bodies swapped in, to
+                   show what the current bodies gain;
+  upcycled ...     (--upcycled) convert(init="upcycle"): same heads, E=4, k=2.
+Llama is exported once (dynamic sequence) and timed at both lengths; ViT once per image size.
 
-    PYTHONPATH=. python benchmarks/bench_onnx.py [--quick] [--write BENCHMARKS.md]
+Two measurements per form, each interleaved round-robin over the forms (so load from other processes
+hits all forms alike):
+  latency  wall-clock, `--threads` intra-op threads (default: all cores); best of the per-round medians;
+  cpu 1t   CPU time of one run with 1 intra-op thread (thread CPU time: robust to other load); median of
+           the per-round medians.
+
+    python benchmarks/bench_onnx.py --out onnx.md            # the table into onnx.md, and printed
+    python benchmarks/bench_onnx.py --quick                   # smoke run: short sequences, few rounds
+    python benchmarks/bench_onnx.py --write BENCHMARKS.md     # replace its "## ONNX Runtime" section
 """
 
 from __future__ import annotations
@@ -20,28 +29,37 @@ import os
 import platform
 import re
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+try:
+    import switchhead
+except ImportError:  # run from a checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import switchhead
+
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import helper
 
-import switchhead
 from switchhead.config import INIT_METHODS
+from switchhead.exporters import onnx_ops
 from switchhead.exporters.onnx import export_onnx
+
+FOLD_HEADS = 2
 
 
 @dataclass(frozen=True)
 class Experiment:
     model: str
-    tokens: int
+    tokens: tuple[int, ...]  # timed at each; one export serves them all (dynamic sequence)
     build: Callable[[], torch.nn.Module]
-    inputs: Callable[[], tuple[tuple, dict]]
-    fold_heads: int  # heads after folding
+    inputs: Callable[[int], tuple[tuple, dict]]  # tokens -> (args, kwargs)
 
 
 @dataclass(frozen=True)
@@ -52,6 +70,8 @@ class Result:
     heads: str
     ms: float
     vs_dense: float
+    cpu_ms: float
+    cpu_vs_dense: float
 
 
 def _llama(layers: int = 4) -> torch.nn.Module:
@@ -63,45 +83,89 @@ def _llama(layers: int = 4) -> torch.nn.Module:
 
 
 def _vit(image: int, layers: int = 4) -> torch.nn.Module:
-    import timm
+    from transformers import ViTConfig, ViTForImageClassification
+    config = ViTConfig(hidden_size=192, num_hidden_layers=layers, num_attention_heads=6, intermediate_size=768,
+                       image_size=image, patch_size=16, num_labels=100)
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=image, depth=layers, num_heads=6,
-                             embed_dim=192, num_classes=100).eval()
+    return ViTForImageClassification(config).eval()
+
+
+def _tokens_of(image: int) -> int:
+    return (image // 16) ** 2 + 1  # patches + [CLS]
 
 
 def experiments(quick: bool) -> list[Experiment]:
-    out = []
-    for seq in ((64, 256) if quick else (128, 512)):
-        out.append(Experiment("llama d256 L4 H8/KV2", seq, _llama,
-                              lambda s=seq: ((), {"input_ids": torch.randint(0, 2000, (1, s))}), fold_heads=2))
-    for image in ((128, 224) if quick else (224, 384)):  # patch 16: (image/16)^2 + 1 tokens
-        out.append(Experiment("timm ViT d192 L4 H6", (image // 16) ** 2 + 1, lambda i=image: _vit(i),
-                              lambda i=image: ((torch.randn(1, 3, i, i),), {}), fold_heads=2))
+    out = [Experiment("llama d256 L4 H8/KV2", (64, 256) if quick else (128, 512), _llama,
+                      lambda t: ((), {"input_ids": torch.randint(0, 2000, (1, t))}))]
+    for image in ((128, 224) if quick else (224, 384)):
+        out.append(Experiment("HF ViT d192 L4 H6", (_tokens_of(image),), lambda i=image: _vit(i),
+                              lambda _t, i=image: ((), {"pixel_values": torch.randn(1, 3, i, i)})))
     return out
+
+
+# ------------------------------------------------------------------ the first function bodies, for comparison
+
+
+def _v0_expert_v(with_bias: bool) -> onnx_ops._Body:
+    """ExpertV's body at commit c2d796a: the gated experts summed with Mul + ReduceSum over the experts
+    axis (now one batched MatMul). Same signature and semantics."""
+    b = onnx_ops._Body("v0")
+    flat_w = b("Flatten", b("Transpose", "weight", perm=[2, 0, 1, 3]), axis=1)  # [d, H*E*dh]
+    heads_experts_dh = b("Gather", b("Shape", "weight"), b.ints(0, 1, 3), axis=0)
+    values = b("Reshape", b("MatMul", "x", flat_w), b("Concat", b.ints(-1), heads_experts_dh, axis=0))
+    if with_bias:
+        values = b("Add", values, "bias")
+    g = onnx_ops._dense_gates(b, "x", "weight", "expert_index", "gates")  # [N, H, E]
+    mixed = b("ReduceSum", b("Mul", values, b("Unsqueeze", g, b.ints(-1))), b.ints(2), keepdims=0)
+    b("Flatten", mixed, axis=1, out="out")
+    return b
+
+
+def _v0_function(function: onnx.FunctionProto, opsets: list) -> onnx.FunctionProto:
+    if function.name not in (onnx_ops.EXPERT_V, onnx_ops.EXPERT_V_BIAS):
+        return function  # ExpertO's body is unchanged
+    body = _v0_expert_v(function.name == onnx_ops.EXPERT_V_BIAS)
+    return helper.make_function(function.domain, function.name, list(function.input), ["out"], body.nodes, opsets)
+
+
+def _with_v0_bodies(src: Path, dst: Path) -> None:
+    model = onnx.load(str(src))
+    for function in model.functions:
+        function.CopyFrom(_v0_function(function, list(model.opset_import)))
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(dst))
+
+
+# ------------------------------------------------------------------ timing
 
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    if threads == 1:
+        options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def interleaved_ms(sessions: list[ort.InferenceSession], feed: dict, rounds: int, runs: int) -> list[float]:
-    """Round-robin over the sessions so that load from other processes hits every form alike; per
-    session the best (lowest) of the per-round medians."""
+def interleaved_ms(sessions: list[ort.InferenceSession], feed: dict, rounds: int, runs: int, *,
+                   cpu: bool = False) -> list[float]:
+    """Round-robin over the sessions so that load from other processes hits every form alike. Wall clock:
+    per session the best (lowest) of the per-round medians. cpu=True: this thread's CPU time (1-thread
+    sessions run on the calling thread), median of the per-round medians."""
+    clock = time.thread_time if cpu else time.perf_counter
     for session in sessions:
         for _ in range(3):
             session.run(None, feed)
-    best = [float("inf")] * len(sessions)
+    per_round: list[list[float]] = [[] for _ in sessions]
     for _ in range(rounds):
         for i, session in enumerate(sessions):
             times = []
             for _ in range(runs):
-                t0 = time.perf_counter()
+                t0 = clock()
                 session.run(None, feed)
-                times.append((time.perf_counter() - t0) * 1e3)
-            best[i] = min(best[i], statistics.median(times))
-    return best
+                times.append((clock() - t0) * 1e3)
+            per_round[i].append(statistics.median(times))
+    return [statistics.median(r) if cpu else min(r) for r in per_round]
 
 
 def _feed(args: tuple, kwargs: dict, session: ort.InferenceSession) -> dict:
@@ -109,36 +173,47 @@ def _feed(args: tuple, kwargs: dict, session: ort.InferenceSession) -> dict:
     return {i.name: v.numpy() for i, v in zip(session.get_inputs(), values)}
 
 
-def run(exps: list[Experiment], rounds: int, runs: int, threads: int, workdir: Path) -> list[Result]:
+def run(exps: list[Experiment], rounds: int, runs: int, threads: int, upcycled: bool, workdir: Path) -> list[Result]:
     results = []
     for exp in exps:
         model = exp.build()
-        args, kwargs = exp.inputs()
-        configs = [("upcycled", switchhead.SwitchHeadConfig(num_experts=4, top_k=2, init="upcycle"))]
+        args, kwargs = exp.inputs(exp.tokens[0])
+        configs = []
         if "fold" in INIT_METHODS:
-            configs.append(("folded", switchhead.SwitchHeadConfig(init="fold", num_heads=exp.fold_heads, top_k=2)))
-        rows = [("dense", _heads(model), model, False)]
-        for form, config in configs:
+            configs.append(("folded", switchhead.SwitchHeadConfig(init="fold", num_heads=FOLD_HEADS, top_k=2)))
+        if upcycled:
+            configs.append(("upcycled", switchhead.SwitchHeadConfig(num_experts=4, top_k=2, init="upcycle")))
+        stem = f"{exp.model.split()[0]}-{exp.tokens[0]}"
+        forms = [("dense", _heads(model), workdir / f"{stem}-dense.onnx")]
+        export_onnx(model, forms[0][2], args, kwargs)
+        for name, config in configs:
             module = switchhead.convert(model, args, kwargs, config=config)
             heads = _rewritten_heads(module)
-            rows += [(f"{form} custom", heads, module, False), (f"{form} inline", heads, module, True)]
-        sessions = []
-        for label, _, module, inline in rows:
-            path = workdir / f"{exp.model.split()[0]}-{exp.tokens}-{label.replace(' ', '_')}.onnx"
-            export_onnx(module, path, args, kwargs, inline=inline)
-            sessions.append(_session(path, threads))
-        times = interleaved_ms(sessions, _feed(args, kwargs, sessions[0]), rounds, runs)
-        for (label, heads, _, _), ms in zip(rows, times):
-            results.append(Result(exp.model, exp.tokens, label, heads, ms, ms / times[0]))
-            print(f"{exp.model} T={exp.tokens} {label}: {ms:.2f} ms", flush=True)
+            custom, inline = workdir / f"{stem}-{name}.onnx", workdir / f"{stem}-{name}-inline.onnx"
+            export_onnx(module, custom, args, kwargs)
+            export_onnx(module, inline, args, kwargs, inline=True)
+            forms += [(f"{name} custom", heads, custom), (f"{name} inline", heads, inline)]
+            if name == "folded":
+                v0 = workdir / f"{stem}-{name}-v0.onnx"
+                _with_v0_bodies(custom, v0)
+                forms.append((f"{name} v0 bodies", heads, v0))
+        wall = [_session(path, threads) for _, _, path in forms]
+        single = [_session(path, 1) for _, _, path in forms]
+        for tokens in exp.tokens:
+            feed = _feed(*exp.inputs(tokens), wall[0])
+            times = interleaved_ms(wall, feed, rounds, runs)
+            cpu = interleaved_ms(single, feed, max(3, rounds * 2 // 3), max(3, runs // 2), cpu=True)
+            for (label, heads, _), ms, cpu_ms in zip(forms, times, cpu):
+                results.append(Result(exp.model, tokens, label, heads, ms, ms / times[0], cpu_ms, cpu_ms / cpu[0]))
+                print(f"{exp.model} T={tokens} {label}: {ms:.2f} ms ({ms / times[0]:.2f}x), "
+                      f"cpu 1t {cpu_ms:.2f} ms ({cpu_ms / cpu[0]:.2f}x)", flush=True)
     return results
 
 
 def _heads(model: torch.nn.Module) -> str:
-    config = getattr(model, "config", None)
-    if config is not None:
-        return f"H{config.num_attention_heads}"
-    return f"H{model.blocks[0].attn.num_heads}"
+    config = model.config
+    kv = getattr(config, "num_key_value_heads", None)
+    return f"H{config.num_attention_heads}" + (f"/KV{kv}" if kv and kv != config.num_attention_heads else "")
 
 
 def _rewritten_heads(module) -> str:
@@ -148,9 +223,11 @@ def _rewritten_heads(module) -> str:
 
 
 def table(results: list[Result]) -> str:
-    lines = ["| model | tokens | form | heads | latency (ms) | vs dense |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | tokens | form | heads | latency (ms) | vs dense | cpu 1t (ms) | vs dense |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        lines.append(f"| {r.model} | {r.tokens} | {r.form} | {r.heads} | {r.ms:.2f} | {r.vs_dense:.2f}x |")
+        lines.append(f"| {r.model} | {r.tokens} | {r.form} | {r.heads} | {r.ms:.2f} | {r.vs_dense:.2f}x "
+                     f"| {r.cpu_ms:.2f} | {r.cpu_vs_dense:.2f}x |")
     return "\n".join(lines)
 
 
@@ -158,7 +235,7 @@ def write_section(path: Path, body: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     section = "## ONNX Runtime\n\n" + body.strip() + "\n"
     if re.search(r"^## ONNX Runtime\n", text, flags=re.M):
-        text = re.sub(r"^## ONNX Runtime\n.*?(?=^## |\Z)", section + "\n", text, flags=re.M | re.S)
+        text = re.sub(r"^## ONNX Runtime\n.*?(?=^## |\Z)", lambda _: section + "\n", text, flags=re.M | re.S)
     else:
         text = text.rstrip() + "\n\n" + section
     path.write_text(text)
@@ -170,25 +247,42 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="round-robin rounds over the forms")
     ap.add_argument("--runs", type=int, default=10, help="timed runs per form and round")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime intra-op threads")
+    ap.add_argument("--upcycled", action="store_true", help="also time the upcycled rewrite (same heads, E=4, k=2)")
+    ap.add_argument("--out", type=Path, help="write the table (with its header line) to this file")
     ap.add_argument("--write", type=Path, help="write the table into this markdown file's '## ONNX Runtime' section")
     args = ap.parse_args()
     rounds = args.rounds or (3 if args.quick else 15)
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        results = run(experiments(args.quick), rounds, args.runs, args.threads, Path(tmp))
+        results = run(experiments(args.quick), rounds, args.runs, args.threads, args.upcycled, Path(tmp))
     versions = (f"onnxruntime {ort.__version__}, onnx {onnx.__version__}, torch {torch.__version__}, "
                 f"python {platform.python_version()}")
+    load = f"load average before/after: {_load_before}/{_load()}" if _load_before else ""
+    command = " ".join(["python benchmarks/bench_onnx.py", *sys.argv[1:]])
     body = "\n".join([
         f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, onnxruntime CPUExecutionProvider "
         f"({args.threads} intra-op threads, default graph optimisations); {versions}; batch 1, float32; "
-        f"latency = best of {rounds} round-robin rounds of the median of {args.runs} runs; command: "
-        f"`PYTHONPATH=. python benchmarks/bench_onnx.py{' --quick' if args.quick else ''}"
-        f"{' --write ' + str(args.write) if args.write else ''}`",
+        f"latency = best of {rounds} round-robin rounds of the median of {args.runs} runs; cpu 1t = CPU time "
+        f"of one run with 1 thread, median over rounds; {load}; {time.perf_counter() - started:.0f} s; "
+        f"command: `{command}`",
         "", table(results),
     ])
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(body + "\n")
     if args.write:
         write_section(args.write, body)
     print(body)
 
+
+def _load() -> str:
+    try:
+        return " ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return ""
+
+
+_load_before = _load()
 
 if __name__ == "__main__":
     main()

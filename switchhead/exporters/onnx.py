@@ -2,7 +2,7 @@
 
 Pipeline: torch.export (dynamic dims by default) -> torch.onnx.export(dynamo=True) with the two expert
 ops translated to `ai.switchhead` nodes -> attach their model-local functions (or inline them) ->
-save (external data above 2 GB) -> onnx.checker full check -> onnxruntime CPU vs PyTorch on the
+save (weights in external data above 1 GiB) -> onnx.checker full check -> onnxruntime CPU vs PyTorch on the
 example inputs and on inputs of a second shape.
 """
 

@@ -97,9 +97,10 @@ def _expert_v_body(with_bias: bool) -> _Body:
     values = b("Reshape", values, b("Concat", b.ints(-1), heads_experts_dh, axis=0))  # [N, H, E, dh]
     if with_bias:
         values = b("Add", values, "bias")
-    g = _dense_gates(b, "x", "weight", "expert_index", "gates")  # [N, H, E]
-    mixed = b("ReduceSum", b("Mul", values, b("Unsqueeze", g, b.ints(-1))), b.ints(2), keepdims=0)  # [N, H, dh]
-    b("Flatten", mixed, axis=1, out="out")  # [N, H*dh]
+    g = b("Unsqueeze", _dense_gates(b, "x", "weight", "expert_index", "gates"), b.ints(2))  # [N, H, 1, E]
+    # The gated sum over experts as a batched [1, E] @ [E, dh] product: one op, and faster in onnxruntime
+    # than Mul + ReduceSum over the experts axis (a middle axis, which its reduction kernels handle slowly).
+    b("Flatten", b("MatMul", g, values), axis=1, out="out")  # [N, H, 1, dh] -> [N, H*dh]
     return b
 
 

@@ -81,17 +81,34 @@ def test_random_init_experts_export(tmp_path):
     _assert_verified(export_onnx(module, tmp_path / "model.onnx", *_example("transformer_encoder"), inline=True))
 
 
+def _fold_heads(case) -> int:
+    """The fold the pass tests use (tests/passes/test_fold_heads.py): one head per KV group for GQA/MQA,
+    else H/2 (1 head when H is odd)."""
+    if case.kv_heads < case.heads:
+        return case.kv_heads
+    return case.heads // 2 if case.heads % 2 == 0 else 1
+
+
 @pytest.mark.skipif("fold" not in INIT_METHODS, reason="head folding (issue 5) is not in this build")
-def test_folded_rewrite_exports(tmp_path):
-    """Fewer heads, experts folded from different dense heads (GQA: 6 query / 2 KV heads -> 2 heads)."""
-    original, _ = converted("hf_llama_gqa")
-    args, kwargs = _example("hf_llama_gqa")
-    config = switchhead.SwitchHeadConfig(init="fold", num_heads=2, top_k=2)
+@pytest.mark.parametrize("case", ZOO, ids=lambda c: c.name)
+def test_folded_zoo_model_exports(case, tmp_path):
+    """Fewer heads, experts folded from different dense heads (so a wrong expert choice or gate shows):
+    every zoo model exports, checks and matches PyTorch on its example and its other shape."""
+    torch.manual_seed(0)
+    original = case.build()
+    args, kwargs = case.example_inputs()
+    heads = _fold_heads(case)
+    config = switchhead.SwitchHeadConfig(init="fold", num_heads=heads, top_k=2)
     module = switchhead.convert(original, args, kwargs, config=config)
-    result = export_onnx(module, tmp_path / "folded.onnx", args, kwargs)
+    result = export_onnx(module, tmp_path / "folded.onnx", args, kwargs, verify_inputs=case.other_inputs())
 
     _assert_verified(result)
-    assert result.custom_nodes == {onnx_ops.EXPERT_V: 2, onnx_ops.EXPERT_O: 2}
+    assert result.custom_nodes.get(onnx_ops.EXPERT_O) == case.sites
+    assert sum(result.custom_nodes.values()) == 2 * case.sites
+    assert any(isinstance(d, str) for shape in result.inputs.values() for d in shape), "no dynamic axis"
+    model = onnx.load(result.path)
+    o_experts = {tuple(init.dims[:2]) for init in model.graph.initializer if init.name.endswith("o_experts")}
+    assert o_experts == {(heads, case.heads // heads)}, o_experts  # [H, E] of every site: heads folded
 
 
 class _Experts(torch.nn.Module):
@@ -142,6 +159,58 @@ def test_external_data_is_written_beside_the_model(tmp_path):
 
     assert result.external_data and (tmp_path / "model.onnx.data").stat().st_size > 0
     _assert_verified(result)
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+@pytest.mark.parametrize("over", [True, False], ids=["over_limit", "under_limit"])
+def test_external_data_above_the_size_limit(over, tmp_path, monkeypatch):
+    """The >2 GB path without 2 GB of weights: lower the limit below this model's weights, so the default
+    (external_data=None) must move them to `<name>.data`; the pair of files still runs after a move
+    (the .onnx refers to the data file by a relative name)."""
+    from switchhead.exporters import onnx as onnx_exporter
+
+    module = _Experts().eval()
+    size = _weight_bytes(module)
+    # (The file's initializers hold a few shape constants besides the weights: "under" keeps a margin.)
+    monkeypatch.setattr(onnx_exporter, "EXTERNAL_DATA_BYTES", size - 1 if over else 4 * size)
+    result = export_onnx(module, tmp_path / "model.onnx", _routing(19), verify_inputs=(_routing(6), {}))
+
+    _assert_verified(result)
+    data = tmp_path / "model.onnx.data"
+    assert result.external_data is over and data.exists() is over
+    if not over:
+        return
+    assert data.stat().st_size >= size and result.path.stat().st_size < size  # the weights left the .onnx
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in (result.path, data):
+        f.rename(moved / f.name)
+    onnx.checker.check_model(str(moved / "model.onnx"), full_check=True)
+    session = ort.InferenceSession(str(moved / "model.onnx"), providers=["CPUExecutionProvider"])
+    x, index, gates = _routing(23)
+    (got,) = session.run(None, {"x": x.numpy(), "expert_index": index.numpy(), "gates": gates.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), module(x, index, gates).detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_custom_and_inline_forms_optimise_to_the_same_graph(tmp_path):
+    """onnxruntime expands the model-local functions when it loads the model, so after its graph
+    optimisations the custom-op form and the inlined form are the same graph (same kernels to run):
+    the custom form costs nothing at run time (latency: benchmarks/bench_onnx.py)."""
+    module = _Experts().eval()
+    graphs = []
+    for inline in (False, True):
+        result = export_onnx(module, tmp_path / f"{inline}.onnx", _routing(19), inline=inline, verify=False)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # portable (no NCHWc)
+        options.optimized_model_filepath = str(tmp_path / f"{inline}.opt.onnx")
+        ort.InferenceSession(str(result.path), options, providers=["CPUExecutionProvider"])
+        graphs.append(sorted(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node))
+    custom, inlined = graphs
+    assert custom == inlined
+    assert "MatMul" in custom and not any(op.startswith("Expert") for op in custom)
 
 
 def test_static_export_bakes_the_example_shapes(tmp_path):
