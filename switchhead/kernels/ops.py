@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from switchhead.kernels import reference
+from switchhead.kernels import autocast, reference
 
 
 def _check_routing(name: str, rows: int, heads: int, expert_index: Tensor, gates: Tensor) -> None:
@@ -102,6 +102,11 @@ def _expert_o_grad(ctx, grad_out):
 
 
 expert_o.register_autograd(_expert_o_grad, setup_context=_expert_o_setup)
+
+# Lives as long as the ops: the autocast kernels registered into it are dropped with it.
+_AUTOCAST_LIBRARY = torch.library.Library("switchhead", "IMPL")
+for _device_type in ("cpu", "cuda"):
+    autocast.register_autocast(_AUTOCAST_LIBRARY, _device_type)
 
 
 def checked_expert_v(x: Tensor, weight: Tensor, bias: Tensor | None, expert_index: Tensor, gates: Tensor) -> Tensor:
