@@ -28,9 +28,6 @@ lengths 8192, 2048, 512, then attention layer, training step, prefill.
            pre-LN output is under autocast) with grads for x and the weights
   MACs     our accounting (switchhead.accounting.attention_costs) for one attention layer and one
            sequence of T tokens, causal core; realisation = (attn time ratio) / (MAC ratio)
-Custom expert ops get an autocast rule here (x and weights cast to the autocast dtype, routing
-gates left alone) because switchhead registers none: without it a converted model fails under
-autocast (bf16 attention output meets fp32 expert weights).
 
     PYTHONPATH=. python benchmarks/bench_e2e.py --out OUT [--write BENCHMARKS.md] [--profile]
     PYTHONPATH=. python benchmarks/bench_e2e.py --device cpu --tiny --out /tmp/e2e     # smoke test
@@ -101,44 +98,6 @@ def log(msg: str) -> None:
 def short_error(err: BaseException) -> str:
     first = (str(err).strip().splitlines() or [""])[0]
     return f"{type(err).__name__}: {first[:240]}"
-
-
-# --------------------------------------------------------------------------- autocast for expert ops
-
-_AUTOCAST_LIBS: list = []
-
-
-def register_expert_autocast(device_type: str) -> str:
-    """Give switchhead::expert_v / expert_o an autocast kernel: activations and expert weights go to
-    the autocast dtype (like aten.linear), the routing gates stay as they are. Skipped when the ops
-    already have one. Returns a note for the output."""
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    dispatch_key = getattr(torch._C.DispatchKey, key)
-    casts = {"expert_v": (0, 1, 2), "expert_o": (0, 1)}  # positions of activations and weights
-    done = []
-    lib = torch.library.Library("switchhead", "IMPL")
-    for name, positions in casts.items():
-        op = getattr(torch.ops.switchhead, name).default
-        if torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key):
-            continue
-
-        def impl(*args, _op=op, _pos=positions):
-            dtype = torch.get_autocast_dtype(device_type)
-            args = [a.to(dtype) if i in _pos and isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                    for i, a in enumerate(args)]
-            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(dispatch_key)):
-                return _op(*args)
-
-        if op.has_kernel_for_dispatch_key(dispatch_key):
-            op.py_kernels.pop(dispatch_key)
-        op.py_impl(dispatch_key)(impl)
-        lib.impl(name, lambda _keyset, *args, _impl=impl: _impl(*args), key, with_keyset=True)
-        done.append(name)
-    _AUTOCAST_LIBS.append(lib)
-    if not done:
-        return "switchhead's expert ops have their own autocast kernels"
-    return (f"autocast kernels registered by the benchmark for {', '.join(done)} on {device_type} "
-            "(switchhead has none)")
 
 
 # --------------------------------------------------------------------------- building the pairs
@@ -957,9 +916,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.backends.cudnn.allow_tf32 = True
     bench = Bench(args)
     bench.pairs = dict(pairs)
-    if args.bf16:
-        for device_type in {"cpu", torch.device(args.device).type}:
-            bench.results["notes"].append(register_expert_autocast(device_type))
     log(f"bench_e2e: {args.device} pairs={names} T={args.seq_lens} tokens/step={args.tokens} "
         f"compile={args.compile} shapes={args.shapes} bf16={args.bf16} head_dim in config: {supports_head_dim()}")
     for i, name in enumerate(names):
