@@ -757,7 +757,7 @@ def write_section(path: Path, body: str) -> None:
         text = re.sub(r"^## End-to-end\n.*?(?=^## |\Z)", lambda _: section + "\n", text, flags=re.M | re.S)
     else:
         text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
+    path.write_text(text.rstrip() + "\n")
 
 
 def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
