@@ -8,7 +8,7 @@
 #   bash benchmarks/bench_heal_gpu.sh smollm2   # carry .gpu/gguf.part2 .gpu/gguf.sha256 .gpu/whl, right after part1
 #
 # Environment knobs: SMOL_MIN (minutes per SmolLM2 method, default 3), MINILM_MIN (default 1.75),
-# DEADLINE (minutes for the whole python run, default 9 for smollm2, 5 for minilm), EXTRA (more
+# DEADLINE (minutes for the whole python run, default 8.5 for smollm2, 5 for minilm), EXTRA (more
 # bench_heal.py arguments).
 set -uo pipefail
 stage=${1:?stage: minilm, part1 or smollm2}
@@ -16,7 +16,8 @@ OUT=${OUT:-/tmp/heal_out}
 CACHE=${HEAL_CACHE:-$HOME/cache}
 mkdir -p "$OUT" "$CACHE"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+SITE=${HEAL_SITE:-/tmp/site}
+export PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 probe() {
   { date -u; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>&1
@@ -53,10 +54,10 @@ case "$stage" in
     gguf="$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"
     cat "$CACHE/gguf.part1" .gpu/gguf.part2 > "$gguf" || exit 3
     (cd "$CACHE" && sha256sum -c "$OLDPWD/.gpu/gguf.sha256") || { echo "GGUF checksum mismatch"; exit 3; }
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl || exit 3
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .gpu/whl/*.whl || exit 3
     probe
     python3 benchmarks/bench_heal.py --models smollm2 --device cuda --gguf "$gguf" \
-      --minutes "smollm2=${SMOL_MIN:-3}" --deadline-minutes "${DEADLINE:-9}" --onnx smollm2 \
+      --minutes "smollm2=${SMOL_MIN:-3}" --deadline-minutes "${DEADLINE:-8.5}" --onnx smollm2 \
       --out "$OUT" ${EXTRA:-} 2>&1 | tee "$OUT/bench_smollm2.log"
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
