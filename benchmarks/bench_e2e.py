@@ -607,39 +607,40 @@ def _x(v, fmt="{:.2f}x"):
     return "-" if v is None else fmt.format(v)
 
 
+def _verdict(label: str, values: list[tuple[str, float | None]], ok: Callable[[float], bool], fmt: str) -> str:
+    """'- label: **met** / **not met** / **incomplete** / not measured (name: value, ...)'."""
+    present = [v for _, v in values if v is not None]
+    if not present:
+        return f"- {label}: not measured"
+    if not all(ok(v) for v in present):
+        status = "**not met**"
+    else:
+        status = "**met**" if len(present) == len(values) else "**met where measured** (incomplete)"
+    return f"- {label}: {status} (" + ", ".join(f"{name}: {_x(v, fmt)}" for name, v in values) + ")"
+
+
 def target_lines(summary: dict[str, Any], lengths: list[int]) -> list[str]:
     lines = []
     per = summary["per_length"]
-    long = [s for s in per if s["seq_len"] >= 2048]
-    real = [(s["model"], s["seq_len"], s["realisation"]) for s in long]
+    real = [(f"{s['model']} T={s['seq_len']}", s["realisation"]) for s in per if s["seq_len"] >= 2048]
     if real:
-        ok = all(r is not None and r <= TARGETS["attn_realisation"] for _, _, r in real)
-        lines.append(f"- Attention realisation <= {TARGETS['attn_realisation']} at T >= 2048: "
-                     f"**{'met' if ok else 'not met'}** (" + ", ".join(f"{m} T={t}: {_x(r, '{:.2f}')}"
-                                                                    for m, t, r in real) + ")")
-    for s in per:
-        if s["model"] == "262M" and s["seq_len"] == 8192:
-            r = s["train_ratio"]
-            ok = r is not None and r <= TARGETS["train_262M_8192"]
-            lines.append(f"- 262M training step at T=8192 <= {TARGETS['train_262M_8192']}x dense: "
-                         f"**{'met' if ok else 'not met'}** ({_x(r)})")
-    mem = [(s["model"], s["seq_len"], s["memory_ratio"]) for s in per]
-    if mem and all(r is None for _, _, r in mem):
-        lines.append("- Peak training memory <= dense at every length: not measured")
-    elif mem:
-        ok = all(r is not None and r <= 1.0 for _, _, r in mem)
-        lines.append("- Peak training memory <= dense at every length: "
-                     f"**{'met' if ok else 'not met'}** (" + ", ".join(f"{m} T={t}: {_x(r)}" for m, t, r in mem) + ")")
-    short = [s for s in per if s["seq_len"] == min(lengths)] if lengths else []
-    if short:
+        lines.append(_verdict(f"Attention realisation <= {TARGETS['attn_realisation']} at T >= 2048", real,
+                              lambda v: v <= TARGETS["attn_realisation"], "{:.2f}"))
+    train = [("262M T=8192", s["train_ratio"]) for s in per if s["model"] == "262M" and s["seq_len"] == 8192]
+    if train:
+        lines.append(_verdict(f"262M training step at T=8192 <= {TARGETS['train_262M_8192']}x dense", train,
+                              lambda v: v <= TARGETS["train_262M_8192"], "{:.2f}x"))
+    mem = [(f"{s['model']} T={s['seq_len']}", s["memory_ratio"]) for s in per]
+    if mem:
+        lines.append(_verdict("Peak training memory <= dense at every length", mem, lambda v: v <= 1.0, "{:.2f}x"))
+    if lengths:
         tol = TARGETS["regression_tolerance"]
-        bad = [f"{s['model']} {k} {_x(s[k + '_ratio'])}" for s in short for k in ("train", "attn")
-               if s[k + "_ratio"] is None or s[k + "_ratio"] > 1.0 + tol]
-        bad += [f"{s['model']} prefill {_x(s['prefill_ratio'])} speed" for s in short
-                if s["prefill_ratio"] is None or s["prefill_ratio"] < 1.0 - tol]
-        lines.append(f"- No regression at T={min(lengths)} (train, attention, prefill vs dense, within "
-                     f"{100 * tol:.0f}%): "
-                     f"**{'met' if not bad else 'not met'}**" + (f" ({'; '.join(bad)})" if bad else ""))
+        short = [s for s in per if s["seq_len"] == min(lengths)]
+        values = [(f"{s['model']} {k} time", s[k + "_ratio"]) for s in short for k in ("train", "attn")]
+        values += [(f"{s['model']} prefill time", 1 / s["prefill_ratio"] if s["prefill_ratio"] else None)
+                   for s in short]
+        lines.append(_verdict(f"No regression at T={min(lengths)} (SwitchHead / dense time within "
+                              f"{100 * tol:.0f}%)", values, lambda v: v <= 1.0 + tol, "{:.2f}x"))
     return lines
 
 
@@ -715,8 +716,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", "Failed or skipped:", ""]
         lines += [f"- {r['model']} T={r['seq_len']} {r['measure']} {r['side']}: {r['error']}" for r in errors]
         if skipped:
-            lines.append("- skipped: " + ", ".join(f"{r['model']} T={r['seq_len']} {r['measure']} {r['side']}"
-                                                  for r in skipped) + f" ({skipped[0]['error'][9:]})")
+            reasons = sorted({r["error"][len("skipped: "):] for r in skipped})
+            lines.append(f"- skipped ({'; '.join(reasons)}): " + ", ".join(
+                f"{r['model']} T={r['seq_len']} {r['measure']} {r['side']}" for r in skipped))
     notes = results.get("notes", []) + [n for info in results["pairs"].values() for n in info.get("notes", [])]
     profiles = [r for r in results["rows"] if r["measure"] == "profile" and r.get("profile")]
     if profiles:
