@@ -775,18 +775,22 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     models = list(dict.fromkeys(s["model"] for s in per))
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     series = (("train_ratio", "train step time"), ("memory_ratio", "peak train memory"),
-              ("prefill_ratio", "prefill speed (higher: faster)"), ("attn_ratio", "attention fwd+bwd time"),
+              ("prefill_time_ratio", "prefill time"), ("attn_ratio", "attention fwd+bwd time"),
               ("mac_ratio", "attention MACs (accounting)"))
     for ax, model in zip(axes[0], models):
-        rows = [s for s in per if s["model"] == model]
+        rows = [{**s, "prefill_time_ratio": 1 / s["prefill_ratio"] if s["prefill_ratio"] else None}
+                for s in per if s["model"] == model]
         for key, label in series:
             pts = [(s["seq_len"], s[key]) for s in rows if s[key] is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label, linestyle="--" if key == "mac_ratio" else "-")
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xscale("log", base=2)
+        lengths = sorted({s["seq_len"] for s in rows})
+        ax.set_xticks(lengths, [str(t) for t in lengths])
+        ax.minorticks_off()
         ax.set_xlabel("sequence length T")
-        ax.set_ylabel("SwitchHead / dense")
+        ax.set_ylabel("SwitchHead / dense (lower is better)")
         ax.set_title(f"{model}: SwitchHead vs dense ({results['meta'].get('gpu', results['meta']['device'])})")
         ax.legend(fontsize=7)
     fig.tight_layout()
