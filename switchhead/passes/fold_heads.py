@@ -325,7 +325,8 @@ def _mask_from_anchors(node, anchors, values) -> torch.Tensor:
         landed = _replay(path, {node: ids}, values, "lenient").get(anchor)
         if isinstance(landed, torch.Tensor):
             hits = landed[anchor_mask].flatten()
-            keep[hits[hits >= 0]] = True  # -1: positions fed from off the path
+            hits = hits[hits >= 0]  # -1: positions fed from off the path
+            keep |= torch.bincount(hits, minlength=keep.numel()) > 0  # (index_put thrashes busy CPUs)
     return keep.view(values[node].shape)
 
 

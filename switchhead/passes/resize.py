@@ -39,11 +39,10 @@ class FoldError(Exception):
 
 def kept_per_dim(mask: torch.Tensor) -> list[torch.Tensor]:
     """For each dim, which indices keep any element; the mask must be their outer product."""
-    per_dim = [mask.movedim(d, 0).reshape(mask.shape[d], -1).any(1) for d in range(mask.dim())]
-    block = per_dim[0].view(-1, *[1] * (mask.dim() - 1)) if mask.dim() else mask
-    for d in range(1, mask.dim()):
-        block = block & per_dim[d].view(*[1] * d, -1, *[1] * (mask.dim() - d - 1))
-    if mask.dim() and not torch.equal(block, mask):
+    where = mask.cpu().nonzero()  # [n, dims]; nonzero + bincount stay fast where reductions thrash threads
+    per_dim = [torch.bincount(where[:, d], minlength=mask.shape[d]) > 0 for d in range(mask.dim())]
+    # The mask lies inside the block its kept indices span: it is the block iff the counts agree.
+    if mask.dim() and where.shape[0] != math.prod(int(k.sum()) for k in per_dim):
         raise FoldError("the surviving heads do not form a block of a tensor")
     return per_dim
 
