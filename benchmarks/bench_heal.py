@@ -253,6 +253,7 @@ def run_method(method: str, teacher, example: dict[str, torch.Tensor], train, he
               "history": result.history, "steps": result.steps, "tokens": result.tokens, "loss": result.loss,
               "trainable_parameters": result.trainable_parameters, "costs": costs, "compile": cfg.compile,
               "compile_error": compile_error, "time_limit_s": cfg.time_limit_s,
+              "first_step_s": result.first_step_s, "heal_clock_s": result.elapsed_s,
               "median_tokens_per_s": speeds[len(speeds) // 2]}
     return record, result.student
 
@@ -459,11 +460,12 @@ def main() -> None:
 def summarize(doc: dict[str, Any], setup: Setup) -> None:
     better = max if setup.metric == "cosine" else min
     print(f"\n{setup.name} on {doc['env'].get('gpu', 'cpu')}; held-out {setup.metric}")
-    print(f"{'method':8} {'unhealed':>10} {'healed':>10} {'best':>10} {'steps':>7} {'tokens':>11} {'tok/s':>9} {'time (s)':>9}")
+    print(f"{'method':8} {'unhealed':>10} {'healed':>10} {'best':>10} {'steps':>7} {'tokens':>11} {'tok/s':>9} "
+          f"{'1st step':>9} {'time (s)':>9}")
     for run in doc["results"]:
         values = [e[setup.metric] for e in run["evals"]]
         print(f"{run['method']:8} {values[0]:10.4f} {values[-1]:10.4f} {better(values):10.4f} {run['steps']:7d} "
-              f"{run['tokens']:11d} {run['median_tokens_per_s']:9.0f} {run['total_s']:9.0f}")
+              f"{run['tokens']:11d} {run['median_tokens_per_s']:9.0f} {run['first_step_s'] or 0:9.1f} {run['total_s']:9.0f}")
     if setup.metric == "ppl" and doc["results"]:
         print(f"dense original ppl: {doc['results'][0]['evals'][0]['teacher_ppl']:.4f}")
 

@@ -71,6 +71,8 @@ class HealResult:
     frozen_unused: list[str]
     untied: list[str] = dataclasses.field(default_factory=list)
     interrupted: bool = False
+    first_step_s: float | None = None  # clock at the end of the first step (compiling, on CUDA)
+    elapsed_s: float = 0.0  # the run's clock at the end
 
     @property
     def final_eval(self) -> dict[str, Any] | None:
@@ -380,7 +382,8 @@ class _Run:
         if cfg.checkpoint_dir is not None and (self.last_checkpoint is None or not self.last_checkpoint.endswith(ckpt.step_name(self.step))):
             self._save()
         result = HealResult(self.student, self.step, self.tokens, self.loss_name, self.task, self.history, self.evals,
-                            self.last_checkpoint, self.trainable, self.frozen, self.untied, interrupted)
+                            self.last_checkpoint, self.trainable, self.frozen, self.untied, interrupted,
+                            self.first_step_clock, self.clock)
         if interrupted:
             raise HealInterrupted(result)
         return result
