@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx
@@ -12,6 +13,7 @@ from torch.utils import _pytree as pytree
 
 from switchhead.capture import Captured, capture, record_values, resolve_example_inputs
 from switchhead.config import SwitchHeadConfig
+from switchhead.device import follow_device_moves
 from switchhead.errors import NoAttentionError, VerificationError
 from switchhead.passes.detect_attention import detect_attention
 from switchhead.passes.fold_heads import fold_sites
@@ -116,7 +118,7 @@ def convert(
         rewrites=2 * len(plans), verify_max_error=error, verify_rtol=rtol, parameters_before=parameters_before,
         parameters_after=sum(p.numel() for p in gm.parameters()), notes=notes,
     )
-    return gm
+    return follow_device_moves(gm)
 
 
 def report_of(converted: torch.fx.GraphModule) -> ConversionReport:

@@ -36,6 +36,7 @@ from torch.utils import _pytree as pytree
 
 from switchhead.api import REPORT_KEY
 from switchhead.capture import _auto_dynamic_shapes
+from switchhead.device import follow_device_moves
 from switchhead.errors import SwitchHeadError
 from switchhead.report import ConversionReport
 
@@ -350,7 +351,7 @@ def load(directory: str | os.PathLike[str], *, device: str | torch.device | None
     fields = {name: manifest[name] for name in ConversionReport.__dataclass_fields__ if name in manifest}
     if len(fields) == len(ConversionReport.__dataclass_fields__):
         module.meta[REPORT_KEY] = ConversionReport(**fields)
-    return module
+    return follow_device_moves(module)
 
 
 def read_manifest(root: Path) -> dict[str, Any]:

@@ -172,13 +172,13 @@ def _route_hist_kernel(
     if TABLE:
         tl.store(table_ptr + (tok * H + h)[:, None] * E + es[None, :], table, mask=ok[:, None] & (es < E)[None, :])
     if HEAD:
-        keys = tl.arange(0, NB_HEAD)
-        tl.store(hh_ptr + (h * NB_HEAD + keys) * NBLK + b, tl.histogram(bits, NB_HEAD, mask=ok))
+        head_keys = tl.arange(0, NB_HEAD)  # distinct names: Triton 3.6 rejects a name rebound to another shape
+        tl.store(hh_ptr + (h * NB_HEAD + head_keys) * NBLK + b, tl.histogram(bits, NB_HEAD, mask=ok))
     if SIG:
         if h == 0:
             key = _signature(idx_ptr, tok, ok, s_in, s_ih, s_ik, E, K, RADIX, SIG_HEADS, BLOCK)
-            keys = tl.arange(0, NB_SIG)
-            tl.store(hs_ptr + keys * NBLK + b, tl.histogram(key, NB_SIG, mask=ok))
+            sig_keys = tl.arange(0, NB_SIG)
+            tl.store(hs_ptr + sig_keys * NBLK + b, tl.histogram(key, NB_SIG, mask=ok))
 
 
 @triton.jit
