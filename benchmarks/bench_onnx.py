@@ -113,11 +113,7 @@ def _v0_expert_v(with_bias: bool) -> onnx_ops._Body:
     """ExpertV's body at commit c2d796a: the gated experts summed with Mul + ReduceSum over the experts
     axis (now one batched MatMul). Same signature and semantics."""
     b = onnx_ops._Body("v0")
-    flat_w = b("Flatten", b("Transpose", "weight", perm=[2, 0, 1, 3]), axis=1)  # [d, H*E*dh]
-    heads_experts_dh = b("Gather", b("Shape", "weight"), b.ints(0, 1, 3), axis=0)
-    values = b("Reshape", b("MatMul", "x", flat_w), b("Concat", b.ints(-1), heads_experts_dh, axis=0))
-    if with_bias:
-        values = b("Add", values, "bias")
+    values = onnx_ops._expert_values(b, with_bias)  # [N, H, E, dh], as in the current body
     g = onnx_ops._dense_gates(b, "x", "weight", "expert_index", "gates")  # [N, H, E]
     mixed = b("ReduceSum", b("Mul", values, b("Unsqueeze", g, b.ints(-1))), b.ints(2), keepdims=0)
     b("Flatten", mixed, axis=1, out="out")
@@ -135,11 +131,7 @@ def _onehot_gates(b: onnx_ops._Body, like: str, gates_axis: int, onehot_axis: in
 
 def _onehot_expert_v(with_bias: bool) -> onnx_ops._Body:
     b = onnx_ops._Body("v1")
-    flat_w = b("Flatten", b("Transpose", "weight", perm=[2, 0, 1, 3]), axis=1)  # [d, H*E*dh]
-    heads_experts_dh = b("Gather", b("Shape", "weight"), b.ints(0, 1, 3), axis=0)
-    values = b("Reshape", b("MatMul", "x", flat_w), b("Concat", b.ints(-1), heads_experts_dh, axis=0))
-    if with_bias:
-        values = b("Add", values, "bias")
+    values = onnx_ops._expert_values(b, with_bias)  # [N, H, E, dh], as in the current body
     g = _onehot_gates(b, "x", 2, -1)  # [N, H, 1, k] @ [N, H, k, E] -> [N, H, 1, E]
     b("Flatten", b("MatMul", g, values), axis=1, out="out")
     return b

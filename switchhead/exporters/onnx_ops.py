@@ -88,15 +88,19 @@ def _dense_gates(b: _Body, like: str, weight: str, expert_index: str, gates: str
              axis=2, reduction="add")
 
 
-def _expert_v_body(with_bias: bool) -> _Body:
-    # out[n, h] = sum_k gates[n,h,k] * (x[n] @ W[h, idx[n,h,k]] + b[h, idx[n,h,k]])
-    b = _Body("v")
+def _expert_values(b: _Body, with_bias: bool) -> str:
+    """Every expert's value of every token, [N, H, E, dh]: ONE MatMul x [N, d] @ [d, H*E*dh]."""
     flat_w = b("Flatten", b("Transpose", "weight", perm=[2, 0, 1, 3]), axis=1)  # [d, H*E*dh]
     values = b("MatMul", "x", flat_w)  # [N, H*E*dh]
     heads_experts_dh = b("Gather", b("Shape", "weight"), b.ints(0, 1, 3), axis=0)
     values = b("Reshape", values, b("Concat", b.ints(-1), heads_experts_dh, axis=0))  # [N, H, E, dh]
-    if with_bias:
-        values = b("Add", values, "bias")
+    return b("Add", values, "bias") if with_bias else values
+
+
+def _expert_v_body(with_bias: bool) -> _Body:
+    # out[n, h] = sum_k gates[n,h,k] * (x[n] @ W[h, idx[n,h,k]] + b[h, idx[n,h,k]])
+    b = _Body("v")
+    values = _expert_values(b, with_bias)  # [N, H, E, dh]
     g = b("Unsqueeze", _dense_gates(b, "x", "weight", "expert_index", "gates"), b.ints(2))  # [N, H, 1, E]
     # The gated sum over experts as a batched [1, E] @ [E, dh] product: one op, and faster in onnxruntime
     # than Mul + ReduceSum over the experts axis (a middle axis, which its reduction kernels handle slowly).
