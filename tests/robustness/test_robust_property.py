@@ -19,11 +19,11 @@ PROFILE = settings.get_profile("switchhead-robustness")
 
 # Families of cores; each draws every other knob. Per family: a few covering specs that together
 # have every feature (gen.covering_specs, always run) and `count` hypothesis examples exploring the
-# rest: 19 + 190 generated attention modules, about 0.5 s of CPU each.
+# rest: 19 + 290 generated attention modules, about 0.5 s of CPU each.
 FAMILIES = {
-    "sdpa": (("sdpa",), 60),
-    "matmul_einsum": (("matmul", "einsum"), 70),
-    "merged_bmm": (("bmm", "baddbmm", "bmm4"), 60),
+    "sdpa": (("sdpa",), 90),
+    "matmul_einsum": (("matmul", "einsum"), 110),
+    "merged_bmm": (("bmm", "baddbmm", "bmm4"), 90),
 }
 COVERING = [(family, spec) for family in sorted(FAMILIES) for spec in gen.covering_specs(FAMILIES[family][0])]
 
