@@ -52,11 +52,16 @@ def _retarget_node(node: torch.fx.Node, old: torch.device, new: torch.device) ->
     if node.target is torch.ops.aten.to.device and _same_device(node.args[1], old):
         node.args = (node.args[0], new, *node.args[2:])
         count += 1
-    if getattr(node.target, "__name__", "") == _AUTOCAST_REGION and node.args and node.args[0] == old.type \
+    if _target_name(node.target) == _AUTOCAST_REGION and node.args and node.args[0] == old.type \
             and old.type != new.type:
         node.args = (new.type, *node.args[1:])
         count += 1
     return count
+
+
+def _target_name(target) -> str:
+    # higher-order ops carry their name as __name__ on newer torch, only as _name on older ones
+    return str(getattr(target, "__name__", None) or getattr(target, "_name", None) or target)
 
 
 class DeviceFollowingGraphModule(torch.fx.GraphModule):

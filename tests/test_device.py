@@ -36,3 +36,31 @@ def test_loaded_module_follows_moves(tmp_path) -> None:
     switchhead.save(new, tmp_path / "out", args, kwargs)
     loaded = switchhead.load(tmp_path / "out")
     assert _devices(loaded.to("meta")) <= {"meta"}
+
+
+class _AutocastRegion(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # like HF's rotary embedding
+            z = y.float() @ y.float().t()
+        return z.to(dtype=y.dtype)
+
+
+def test_autocast_regions_follow_the_device_type() -> None:
+    from switchhead.device import follow_device_moves, retarget_devices
+
+    module = follow_device_moves(torch.export.export(_AutocastRegion(), (torch.randn(3, 4),), strict=False).module())
+
+    def region_devices(m):
+        return [n.args[0] for n in m.graph.nodes if "autocast" in str(n.target)]
+
+    assert region_devices(module) == ["cpu"]
+    # the retarget itself, cpu -> cuda, without a GPU
+    assert retarget_devices(copy.deepcopy(module), torch.device("cpu"), torch.device("cuda")) >= 1
+    moved = copy.deepcopy(module)
+    retarget_devices(moved, torch.device("cpu"), torch.device("cuda"))
+    assert region_devices(moved) == ["cuda"] and region_devices(module) == ["cpu"]
