@@ -584,7 +584,7 @@ def _fold_projections(gm, values, plan: FoldPlan, config) -> dict[torch.fx.Node,
     GQA) rows folded over each group. The V projection's is returned for the expert rewrite."""
     site = plan.site
     folded: dict[torch.fx.Node, list] = {}
-    for proj in {site.query_node, site.key_node, site.value_node}:
+    for proj in dict.fromkeys((site.query_node, site.key_node, site.value_node)):  # ordered, not by address
         weight, bias = linear_weight(values, proj)
         folded[proj] = [weight.clone(), None if bias is None else bias.clone()]
     if config.init != "random":
@@ -612,7 +612,7 @@ def _random_projections(gm, values, plan: FoldPlan, generator) -> dict[torch.fx.
     the expert rewrite (the Q/K rows of a fused projection stay dense there)."""
     site = plan.site
     results = {}
-    for proj in {site.query_node, site.key_node, site.value_node}:
+    for proj in dict.fromkeys((site.query_node, site.key_node, site.value_node)):  # ordered, not by address
         weight, bias = linear_weight(values, proj)  # [F, d]
         rows = plan.sizes.shape(proj)[-1]
         std = float(weight.float().std()) if weight.numel() > 1 else 1.0
