@@ -14,12 +14,15 @@ import argparse
 import os
 import platform
 import resource
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 import switchhead
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from markdown_section import write_section  # noqa: E402
 
 
 def build_llama_1b(dtype: torch.dtype) -> torch.nn.Module:
@@ -86,21 +89,9 @@ def main() -> None:
     verdict = "meets" if convert_s <= 60 and peak <= 2.5 * model_bytes else "MISSES"
     print(f"target (<= 60 s, <= 2.5x model size): {verdict}")
     if options.write:
-        heading = f"## Conversion at scale: Llama-shaped 1B on CPU ({options.dtype})"
-        section = f"{heading}\n\n{header}\n\n{table}\n\nTarget (issue 2): <= 60 s and <= 2.5x model size: **{verdict}**.\n"
-        replace_section(Path("BENCHMARKS.md"), heading, section)
-
-
-def replace_section(path: Path, heading: str, section: str) -> None:
-    """Put `section` in place of the one under `heading` (up to the next '## '), or append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(heading)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + (text[end:] if end >= 0 else "")
-    path.write_text(text)
+        title = f"Conversion at scale: Llama-shaped 1B on CPU ({options.dtype})"
+        body = f"{header}\n\n{table}\n\nTarget (issue 2): <= 60 s and <= 2.5x model size: **{verdict}**."
+        write_section(Path("BENCHMARKS.md"), title, body)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ import dataclasses
 import datetime
 import json
 import platform
-import re
 import statistics
 import sys
 import time
@@ -55,6 +54,7 @@ from collections.abc import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from markdown_section import write_section  # noqa: E402
 import e2e_models as em
 
 import switchhead
@@ -752,16 +752,6 @@ def text_table(results: dict[str, Any]) -> str:
     return "\n".join(lines + [""] + target_lines(summary, sorted({s['seq_len'] for s in summary['per_length']})))
 
 
-def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = "## End-to-end\n\n" + body.strip() + "\n"
-    if re.search(r"^## End-to-end\n", text, flags=re.M):
-        text = re.sub(r"^## End-to-end\n.*?(?=^## |\Z)", lambda _: section + "\n", text, flags=re.M | re.S)
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text.rstrip() + "\n")
-
-
 def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     """docs/e2e.png: SwitchHead / dense ratios against T per model (needs matplotlib)."""
     try:
@@ -898,7 +888,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.from_json:
         Path(args.out, "e2e.md").write_text(md)
     if args.write:
-        write_section(args.write, md)
+        write_section(args.write, "End-to-end", md)
         log(f"section written: {args.write}")
     if args.plot:
         plot(results, args.plot)

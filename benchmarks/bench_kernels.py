@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import sys
 import torch
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
@@ -32,6 +32,8 @@ from switchhead.kernels import route_triton, routing
 from switchhead.kernels.fan_in import fan_in
 from switchhead.kernels.fan_out import TileConfig, fan_out
 from switchhead.kernels.wgrad import expert_wgrad
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from markdown_section import write_section  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -329,16 +331,6 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = "## Kernels\n\n" + body.strip() + "\n"
-    if re.search(r"^## Kernels\n", text, flags=re.M):
-        text = re.sub(r"^## Kernels\n.*?(?=^## |\Z)", section + "\n", text, flags=re.M | re.S)
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     global REP_MS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -375,7 +367,7 @@ def main() -> None:
             "", "```", *extra, "```"] if extra else []),
     ])
     if args.write:
-        write_section(args.write, body)
+        write_section(args.write, "Kernels", body)
     print(body)
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -53,6 +52,8 @@ from onnx import helper
 from switchhead.config import INIT_METHODS
 from switchhead.exporters import onnx_ops
 from switchhead.exporters.onnx import export_onnx
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from markdown_section import write_section  # noqa: E402
 
 FOLD_HEADS = 2
 
@@ -275,16 +276,6 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = "## ONNX Runtime\n\n" + body.strip() + "\n"
-    if re.search(r"^## ONNX Runtime\n", text, flags=re.M):
-        text = re.sub(r"^## ONNX Runtime\n.*?(?=^## |\Z)", lambda _: section + "\n", text, flags=re.M | re.S)
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="shorter sequences and timing budget (a smoke run)")
@@ -315,7 +306,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(body + "\n")
     if args.write:
-        write_section(args.write, body)
+        write_section(args.write, "ONNX Runtime", body)
     print(body)
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
+import sys
 from pathlib import Path
 
 from switchhead.accounting import AttentionGeometry, attention_costs, format_count, paper_macs, paper_memory
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from markdown_section import write_section  # noqa: E402
 
 HEADING = "## Paper cost accounting"
 
@@ -100,18 +102,6 @@ def markdown(table: list[tuple[str, ...]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in table])
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace the '## Paper cost accounting' section of `path`, or append it; other sections stay."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{HEADING}\n\n{body}\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
@@ -134,7 +124,7 @@ def main() -> None:
     ])
     print(body)
     if options.write:
-        write_section(options.output, body)
+        write_section(options.output, HEADING.removeprefix("## "), body)
 
 
 if __name__ == "__main__":
