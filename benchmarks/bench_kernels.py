@@ -17,12 +17,14 @@ Useful FLOPs: 2*T*H*k*d*dh per projection forward, 3x that for forward+backward.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import platform
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import sys
 import torch
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
@@ -308,15 +310,26 @@ def breakdown(shapes: list[Shape], t: int) -> list[str]:
             lines.append(f"breakdown {s.name} T={t // 1024}k {name:24s} {ms * 1e3:7.1f} us{rate}")
             print(lines[-1], flush=True)
         for label, force in (("torch", True), ("triton", False)):
-            route_triton.FORCE_TORCH = force
-            try:
+            with torch_routing(force):
                 ms = bench(fwd_bwd, f"breakdown {s.name} fwd+bwd {label} routing")
-            finally:
-                route_triton.FORCE_TORCH = False
             lines.append(f"breakdown {s.name} T={t // 1024}k {'fwd+bwd, ' + label + ' routing':24s} {ms * 1e3:7.1f} us")
             print(lines[-1], flush=True)
         torch.cuda.empty_cache()
     return lines
+
+
+@contextlib.contextmanager
+def torch_routing(force: bool):
+    """Route with the torch ops (force) or the Triton counting sort inside the block."""
+    before = os.environ.get(route_triton.TORCH_ROUTING_ENV)
+    os.environ[route_triton.TORCH_ROUTING_ENV] = "1" if force else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[route_triton.TORCH_ROUTING_ENV]
+        else:
+            os.environ[route_triton.TORCH_ROUTING_ENV] = before
 
 
 def table(rows: list[Row]) -> str:

@@ -57,9 +57,14 @@ from switchhead.kernels import routing
 MAX_COUNTING_EXPERTS = 8  # 2^8 = 256 head-order keys per head
 SIG_KEYS = 1024  # bound on the signature key space (per-block histograms of this many bins)
 MIN_BLOCK = 32
-# route with routing.py's torch ops instead: the benchmark's old-vs-new comparison, and a way around
-# the Triton routing (SWITCHHEAD_TORCH_ROUTING=1) should it ever fail on a machine
-FORCE_TORCH = os.environ.get("SWITCHHEAD_TORCH_ROUTING") == "1"
+# SWITCHHEAD_TORCH_ROUTING=1 routes with routing.py's torch ops instead: the benchmark's old-vs-new
+# comparison, and a way around the Triton routing should it ever fail on a machine. Read at each call
+# (a traced graph keeps what it saw), so nothing is decided at import.
+TORCH_ROUTING_ENV = "SWITCHHEAD_TORCH_ROUTING"
+
+
+def torch_routing_forced() -> bool:
+    return os.environ.get(TORCH_ROUTING_ENV) == "1"
 
 
 @dataclass(frozen=True)
@@ -306,7 +311,7 @@ def route(
     sig: bool = False, groups: bool = False, config: RouteConfig | None = None,
 ) -> Routing:
     """Routing of one op call in three Triton launches (module docstring); torch ops for E > 8."""
-    if FORCE_TORCH or num_experts > MAX_COUNTING_EXPERTS:
+    if torch_routing_forced() or num_experts > MAX_COUNTING_EXPERTS:
         return route_torch(expert_index, gates, num_experts, table=table, head=head, sig=sig, groups=groups)
     cfg = config or RouteConfig()
     n, h, k = expert_index.shape

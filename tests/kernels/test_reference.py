@@ -95,3 +95,16 @@ def test_compile_cpu_no_graph_breaks_matches_eager() -> None:
     assert rel_err(out_c, out_e) < 1e-6
     for got, want in zip(grads_c, grads_e):
         assert rel_err(got, want) < 1e-6
+
+
+def test_environment_switch_routes_with_the_torch_ops(monkeypatch) -> None:
+    from switchhead.kernels import route_triton
+
+    torch.manual_seed(0)
+    index = torch.rand(37, 3, 4).argsort(-1)[..., :2]
+    gates = torch.rand(37, 3, 2)
+    monkeypatch.setenv(route_triton.TORCH_ROUTING_ENV, "1")  # read per call: no Triton launch below
+    got = route_triton.route(index, gates, 4, head=True, sig=True, groups=True)
+    want = route_triton.route_torch(index, gates, 4, head=True, sig=True, groups=True)
+    for field in ("table", "bits", "head_order", "sig_order", "tokens", "sorted_gates", "offsets"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
