@@ -13,6 +13,14 @@ DEFAULT_NUM_EXPERTS = 4
 CONFIG_VERSION = 1
 
 
+def check_regex(name: str, pattern: str) -> None:
+    """ValueError naming the option when `pattern` is not a valid regular expression."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{name} is not a valid regular expression: {exc}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class SwitchHeadConfig:
     """How attention is rewritten into SwitchHead attention.
@@ -87,10 +95,7 @@ class SwitchHeadConfig:
         if not (math.isfinite(self.fold_noise) and 0 <= self.fold_noise < 1):
             raise ValueError(f"fold_noise must be in [0, 1), got {self.fold_noise!r}")
         if self.module_filter is not None:
-            try:
-                re.compile(self.module_filter)
-            except re.error as exc:
-                raise ValueError(f"module_filter is not a valid regular expression: {exc}") from None
+            check_regex("module_filter", self.module_filter)
         if self.init_scale is not None and not (math.isfinite(self.init_scale) and self.init_scale > 0):
             raise ValueError(f"init_scale must be a positive number, got {self.init_scale!r}")
         if not (math.isfinite(self.upcycle_router_scale) and 0 < self.upcycle_router_scale <= 1e-3):

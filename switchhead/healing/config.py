@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any, Literal
+
+from switchhead.config import check_regex
 
 LOSSES = ("auto", "kl", "mse", "cosine")
 TASKS = ("auto", "causal_lm", "encoder")
@@ -125,10 +126,7 @@ class HealConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.train_only is not None:
-            try:
-                re.compile(self.train_only)
-            except re.error as exc:
-                raise ValueError(f"train_only is not a valid regular expression: {exc}") from None
+            check_regex("train_only", self.train_only)
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume=True needs a checkpoint_dir")
         if self.compile not in (None, True, False):
