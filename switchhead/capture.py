@@ -140,7 +140,27 @@ def _capture(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
             except Exception as exc:
                 raise CaptureError(f"torch.export could not capture the model: {type(exc).__name__}: {exc}") from exc
             dynamic = False
-    return Captured(program.module(), args, kwargs, dynamic, static_reason), reference
+    return Captured(drop_metadata_asserts(program.module()), args, kwargs, dynamic, static_reason), reference
+
+
+def drop_metadata_asserts(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Erase torch.export's `_assert_tensor_metadata` checks from `module` and its subgraphs (in place).
+
+    Export pins the dtype and device every `.to()` / `.float()` saw during capture. A converted model is
+    meant to be trained and run like the original, under autocast and on other devices, where those
+    facts change: HF's rotary embedding, captured in fp32, computes a matmul that autocast makes bf16,
+    and the pinned fp32 check would fail. The checks have no users and compute nothing.
+    """
+    for graph_module in module.modules():
+        if not isinstance(graph_module, torch.fx.GraphModule):
+            continue
+        asserts = [n for n in graph_module.graph.nodes
+                   if n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default]
+        for node in asserts:
+            graph_module.graph.erase_node(node)
+        if asserts:
+            graph_module.recompile()
+    return module
 
 
 class _Recorder(torch.fx.Interpreter):

@@ -64,3 +64,31 @@ def test_autocast_regions_follow_the_device_type() -> None:
     moved = copy.deepcopy(module)
     retarget_devices(moved, torch.device("cpu"), torch.device("cuda"))
     assert region_devices(moved) == ["cuda"] and region_devices(module) == ["cpu"]
+
+
+class _FloatRotary(torch.nn.Module):
+    """HF's rotary embedding in miniature: `.float()` casts that were no-ops while the model was
+    captured in fp32, then the result cast back to the activations' dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+        self.register_buffer("inv_freq", torch.rand(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(x.shape[1], device=x.device)[None, :, None].float()  # [1, T, 1]
+        angles = (positions @ self.inv_freq[None, None, :].float()).float()  # [1, T, 8]
+        x = x + torch.cat([angles.cos(), angles.sin()], dim=-1).to(x.dtype)
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+def test_converted_model_runs_under_autocast() -> None:
+    # torch.export pins every no-op `.float()` with an fp32 metadata assert; autocast makes the matmul
+    # before it bf16, so a converted model that kept those asserts could not be trained in bf16
+    model = _FloatRotary().eval()
+    x = torch.randn(2, 6, 16)
+    new = switchhead.convert(model, (x,), config=switchhead.SwitchHeadConfig(init="upcycle"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, actual = model(x), new(x)
+    # (the capture also baked `.to(x.dtype)` in as fp32, so only the values can be compared)
+    assert switchhead.max_relative_error(expected.float(), actual.float()) < 5e-2
