@@ -259,7 +259,8 @@ def _line(value: Any, size: int) -> torch.Tensor | None:
         return None
     if max(value.shape) != size:
         return None
-    return value.detach().reshape(-1).double()
+    # on the CPU: the rebuilt values are computed with CPU tensors and moved back to the model's device
+    return value.detach().reshape(-1).double().cpu()
 
 
 def _frequency_root(ext, values, head_dim, new_head_dim):

@@ -179,6 +179,19 @@ def test_scale_rope_and_qk_norm_follow_the_new_head_size(scale, qk_norm):
         assert not torch.allclose(new(other), model.head(model.emb(other) + wrong), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_converting_on_the_gpu_matches_converting_on_the_cpu(qk_norm):
+    # the rebuilt RoPE frequencies once mixed a CUDA example value with CPU tensors (e2e run, H200)
+    model = _decoder(qk_norm=qk_norm)
+    idx = torch.randint(0, 50, (2, 9))
+    on_cpu = _random(model, (idx,), num_heads=2, head_dim=12, seed=3)
+    on_gpu = _random(copy.deepcopy(model).cuda(), (idx.cuda(),), num_heads=2, head_dim=12, seed=3)
+    other = torch.randint(0, 50, (3, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(on_gpu(other.cuda()).cpu(), on_cpu(other), rtol=1e-3, atol=1e-4)
+
+
 def test_paper_262m_configuration_costs_follow_the_new_head_size():
     """Dense H=16, dh=64 at d=1024 -> SwitchHead H=4, E=4, k=2, dh=112 (C4 262M): the report's costs
     are the accounting formulas at the new geometry and the paper's MACs per layer (2.4G vs 5.4G)."""
