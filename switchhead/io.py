@@ -35,7 +35,7 @@ from torch.fx.traceback import NodeSource
 from torch.utils import _pytree as pytree
 
 from switchhead.api import REPORT_KEY
-from switchhead.capture import _auto_dynamic_shapes
+from switchhead.capture import _auto_dynamic_shapes, drop_metadata_asserts
 from switchhead.device import follow_device_moves
 from switchhead.errors import SwitchHeadError
 from switchhead.report import ConversionReport
@@ -351,7 +351,8 @@ def load(directory: str | os.PathLike[str], *, device: str | torch.device | None
     fields = {name: manifest[name] for name in ConversionReport.__dataclass_fields__ if name in manifest}
     if len(fields) == len(ConversionReport.__dataclass_fields__):
         module.meta[REPORT_KEY] = ConversionReport(**fields)
-    return follow_device_moves(module)
+    # saving re-exported the graph, which pinned capture-time dtypes again (see drop_metadata_asserts)
+    return follow_device_moves(drop_metadata_asserts(module))
 
 
 def read_manifest(root: Path) -> dict[str, Any]:

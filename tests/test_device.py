@@ -82,13 +82,17 @@ class _FloatRotary(torch.nn.Module):
         return self.attention(x, x, x, need_weights=False)[0]
 
 
-def test_converted_model_runs_under_autocast() -> None:
+def test_converted_and_loaded_models_run_under_autocast(tmp_path) -> None:
     # torch.export pins every no-op `.float()` with an fp32 metadata assert; autocast makes the matmul
     # before it bf16, so a converted model that kept those asserts could not be trained in bf16
+    # (saving exports again, so a loaded model must lose them too)
     model = _FloatRotary().eval()
     x = torch.randn(2, 6, 16)
     new = switchhead.convert(model, (x,), config=switchhead.SwitchHeadConfig(init="upcycle"))
+    switchhead.save(new, tmp_path / "out", (x,), {})
+    loaded = switchhead.load(tmp_path / "out")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected, actual = model(x), new(x)
+        expected, actual, reloaded = model(x), new(x), loaded(x)
     # (the capture also baked `.to(x.dtype)` in as fp32, so only the values can be compared)
     assert switchhead.max_relative_error(expected.float(), actual.float()) < 5e-2
+    torch.testing.assert_close(reloaded, actual)
