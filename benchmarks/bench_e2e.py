@@ -458,13 +458,16 @@ class Bench:
         self.save()
         return built
 
-    def run_pair(self, name: str, pair: Pair, built: dict[str, Any]) -> None:
+    def run_pair(self, name: str, pair: Pair, built: dict[str, Any], profile_len: int | None = None) -> None:
+        """Every measure at every length, measure by measure: with dynamic shapes each (measure, side)
+        compiles once, so a budget cut costs whole measures of the slow compiles (training), not the
+        attention layer's lengths. `profile_len`: profile the attention layer there, after its rows."""
         a = self.args
         cfg = pair.lm
-        for T in a.seq_lens:
-            B = max(1, a.tokens // T)
-            macs = mac_figures(pair, built["geometry"], T, built.get("attn_report")) if "geometry" in built else {}
-            for measure in a.measures:
+        for measure in a.measures:
+            for T in a.seq_lens:
+                B = max(1, a.tokens // T)
+                macs = mac_figures(pair, built["geometry"], T, built.get("attn_report")) if "geometry" in built else {}
                 for side in SIDES:
                     row = {"model": name, "seq_len": T, "batch": B, "measure": measure, "side": side}
                     if measure == "attn":
@@ -483,6 +486,8 @@ class Bench:
                     else:
                         body = self.attn_body(name, side, module, B, T, cfg.d)
                     self.measure(row, (name, side, measure), body)
+            if measure == "attn" and profile_len:
+                self.profile(name, pair, built, profile_len)
 
     def profile(self, name: str, pair: Pair, built: dict[str, Any], T: int) -> None:
         B = max(1, self.args.tokens // T)
@@ -916,9 +921,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"compile={args.compile} shapes={args.shapes} bf16={args.bf16} head_dim in config: {supports_head_dim()}")
     for i, name in enumerate(names):
         built = bench.build(name, pairs[name])
-        bench.run_pair(name, pairs[name], built)
-        if args.profile and i == 0:  # the first (largest) pair at the longest length
-            bench.profile(name, pairs[name], built, max(args.seq_lens))
+        # --profile: the first (largest) pair's attention layer at the longest length
+        bench.run_pair(name, pairs[name], built, max(args.seq_lens) if args.profile and i == 0 else None)
         del built
         free(bench.device)
     if args.smollm2:
