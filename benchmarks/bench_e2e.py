@@ -56,6 +56,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from markdown_section import write_section  # noqa: E402
 import e2e_models as em
+from compile_probe import triton_analysis_probe
 
 import switchhead
 from switchhead import accounting
@@ -287,6 +288,8 @@ class Bench:
             try:
                 row.update(body())
                 extra = f", peak {row['peak_gb']:.2f} GB" if row.get("peak_gb") is not None else ""
+                if row.get("ttir_analyses"):
+                    extra += f", {row['ttir_analyses']} Triton kernel analyses in {row['ttir_analysis_s']:.1f} s"
                 log(f"done  {label}: {row['ms']:.3f} ms (first call {row['first_call_s']:.1f} s{extra})")
             except Exception as err:  # noqa: BLE001
                 row["error"] = short_error(err)
@@ -311,13 +314,14 @@ class Bench:
 
     def timed(self, step: Callable[[], Any]) -> dict[str, Any]:
         """First call (compile), warm-up, then the median of the timed steps and their peak memory."""
-        first = self.timer.first_call(step)
+        with triton_analysis_probe() as analyses:
+            first = self.timer.first_call(step)
         for _ in range(self.args.warmup):
             step()
         base = memory_reset(self.device)
         ms, times = self.timer.median_ms(step, self.args.iters)
         peak = memory_peak(self.device)
-        return {"ms": ms, "times_ms": times, "first_call_s": first,
+        return {"ms": ms, "times_ms": times, "first_call_s": first, **analyses,
                 "peak_gb": peak / 2**30 if peak is not None else None,
                 "resident_gb": base / 2**30 if peak is not None else None}
 
@@ -729,11 +733,15 @@ def markdown(results: dict[str, Any]) -> str:
     if profiles:
         notes.append("Profiles (top-15 kernels of the attention layer, fwd+bwd): " +
                      ", ".join(f"`{Path(r['profile']).name}`" for r in profiles) + " in the output directory.")
-    compile_s = {(r["model"], r["measure"], r["side"]): r["first_call_s"] for r in results["rows"]
+    compile_s = {(r["model"], r["measure"], r["side"]): r for r in results["rows"]
                  if r.get("first_call_s") is not None and r["first_call_s"] > 1.0}
     if compile_s:
-        notes.append("First calls (compile) over 1 s: " + ", ".join(
-            f"{m} {meas} {side} {t:.0f} s" for (m, meas, side), t in compile_s.items()))
+        notes.append("First calls (compile) over 1 s, with the part spent analysing user Triton kernels "
+                     "(TTIR per call site): " + ", ".join(
+                         f"{m} {meas} {side} {r['first_call_s']:.0f} s" + (
+                             f" ({r['ttir_analyses']} analyses, {r['ttir_analysis_s']:.0f} s)"
+                             if r.get("ttir_analyses") else "")
+                         for (m, meas, side), r in compile_s.items()))
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

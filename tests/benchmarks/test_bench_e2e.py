@@ -8,6 +8,9 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_e2e.py"
 
 
@@ -47,3 +50,25 @@ def test_tiny_cpu_run_writes_json_and_section(tmp_path):
     # regenerating from the JSON gives the same section
     bench.main(["--from-json", str(out / "e2e.json"), "--write", str(doc)])
     assert doc.read_text() == text
+
+
+def test_triton_analysis_probe_counts_analyses_and_restores_torch():
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    sys.path.insert(0, str(BENCH.parent))
+    from compile_probe import triton_analysis_probe
+
+    @triton.jit
+    def _copy(src, dst, n, BLOCK: tl.constexpr):
+        offsets = tl.arange(0, BLOCK)
+        tl.store(dst + offsets, tl.load(src + offsets, mask=offsets < n), mask=offsets < n)
+
+    original = triton_kernel_wrap.identify_accessed_tensors
+    kwargs = {"src": torch.ones(4), "dst": torch.empty(4), "n": 4, "BLOCK": 8}
+    with triton_analysis_probe() as stats:
+        for _ in range(2):  # what torch does per call site while compiling
+            triton_kernel_wrap.identify_accessed_tensors(_copy, kwargs, {})
+    assert stats["ttir_analyses"] == 2 and stats["ttir_analysis_s"] > 0
+    assert triton_kernel_wrap.identify_accessed_tensors is original
