@@ -55,7 +55,7 @@ SETUPS = {"minilm": Setup("all-MiniLM-L6-v2", 4, "cosine"), "smollm2": Setup("Sm
 # Per-model recipe; `--set model.key=value` changes one entry.
 PRESETS: dict[str, dict[str, Any]] = {
     # per-layer, per-token cosine of the hidden states (output_hidden_states): 0.878 against MSE's 0.868
-    # after 150 CPU steps (BENCHMARKS.md, "Healing"); sentences padded to one length (one compile)
+    # after 150 CPU steps (BENCHMARKS.md, "MiniLM recipe check"); sentences padded to one length (one compile)
     "minilm": {"batch_size": 128, "seq_len": 64, "lr": 1.5e-3, "warmup": 50, "loss": "cosine", "train_only": "encoder",
                "eval_samples": 512, "eval_every": 100, "eval_every_s": 10.0, "min_lr_ratio": 0.1},
     # KL on logits of packed 512-token windows of stdlib source; tied embeddings frozen

@@ -2,9 +2,10 @@
 
 torch.export records the devices the model ran on while it was captured: `arange(..., device=cpu)`,
 `.to(device=cpu)`, `wrap_with_autocast('cpu', ...)` regions (its `_assert_tensor_metadata` checks
-are gone already: capture.drop_metadata_asserts). Moving the parameters of `ep.module()` to a GPU leaves those behind, and the first call fails
-("Tensor device mismatch"). `follow_device_moves` makes a converted GraphModule rewrite them whenever
-its parameters move, so converting on the CPU and training on a GPU works like any nn.Module.
+are gone already: capture.drop_metadata_asserts). Moving the parameters of `ep.module()` to a GPU
+leaves those behind, and the first call fails ("Tensor device mismatch"). `follow_device_moves`
+makes a converted GraphModule rewrite them whenever its parameters move, so converting on the CPU
+and training on a GPU works like any nn.Module.
 """
 
 from __future__ import annotations
