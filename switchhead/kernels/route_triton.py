@@ -15,8 +15,9 @@ Shape legend:
   fp32 gates [H*N*k], offsets [H*E+1] int32 (group h*E+e is tokens[offsets[h*E+e]:offsets[h*E+e+1]]).
 
 Every sort is a stable counting sort over a small key space, segmented by head where it is per head:
-    1. `_route_hist_kernel`, grid (NBLK, H): bits and table of its B tokens, and per-block key counts
-       (`tl.histogram`) of every requested sort: hist[segment, key, block].
+    1. `_route_hist_kernel`, grid (NBLK, H): bits and table of its B tokens, per-block key counts
+       (`tl.histogram`) of every requested sort: hist[segment, key, block], and (signature order)
+       each token's signature key.
     2. `_route_scan_kernel`, grid (H + 1,): one program per segment scans its [keys, blocks] counts in
        key-major order: start[key] (first position of the key in the segment) and, in place of the
        counts, rel[key, block] = (tokens of the key in earlier blocks) - (tokens of smaller keys in
@@ -118,39 +119,35 @@ def signature_key(expert_index: Tensor, num_experts: int, max_keys: int = SIG_KE
     return key
 
 
-@triton.jit
-def _set_bits(idx_ptr, tok, ok, h, s_in, s_ih, s_ik, K: tl.constexpr, BLOCK: tl.constexpr):
-    bits = tl.zeros((BLOCK,), dtype=tl.int32)
-    for j in tl.static_range(K):
-        e = tl.load(idx_ptr + tok * s_in + h * s_ih + j * s_ik, mask=ok, other=0).to(tl.int32)
-        bits = bits | (1 << e)
-    return bits
+# Why pointers stay in the kernel bodies: torch.compile finds which tensors a user kernel writes by
+# walking back from each tl.store's address through everything that computed it, stopping at tl.load
+# but not at a call of a @triton.jit helper, whose pointer arguments it then counts as written. A
+# store address computed by a helper that loads would mark expert_index and the scanned counts as
+# outputs, and Inductor would copy them before every launch (tests/kernels/test_kernel_writes.py).
+# So helpers take and return values only; the loads that feed an address are written out in place.
 
 
 @triton.jit
-def _signature(idx_ptr, tok, ok, s_in, s_ih, s_ik,
-               E: tl.constexpr, K: tl.constexpr, RADIX: tl.constexpr, HEADS: tl.constexpr, BLOCK: tl.constexpr):
-    key = tl.zeros((BLOCK,), dtype=tl.int32)
-    for hh in tl.static_range(HEADS):
-        bits = _set_bits(idx_ptr, tok, ok, hh, s_in, s_ih, s_ik, K, BLOCK)
-        cnt = tl.zeros((BLOCK,), dtype=tl.int32)
-        rank = tl.zeros((BLOCK,), dtype=tl.int32)
-        for e in tl.static_range(E):
-            bit = (bits >> e) & 1
-            cnt += bit
-            num = tl.full((BLOCK,), 1, tl.int32)
-            den = tl.full((BLOCK,), 1, tl.int32)
-            for i in tl.static_range(K):  # C(e, cnt) = prod_{i < cnt} (e - i) / (i + 1)
-                num *= tl.where(i < cnt, e - i, 1)
-                den *= tl.where(i < cnt, i + 1, 1)
-            rank += bit * (num // den)
-        key = key * RADIX + tl.minimum(rank, RADIX - 1)
-    return key
+def _subset_rank(bits, E: tl.constexpr, K: tl.constexpr, RADIX: tl.constexpr, BLOCK: tl.constexpr):
+    """[BLOCK] expert-set bit masks -> their rank among the k-subsets of E (combinatorial number
+    system), clamped to RADIX - 1 (sets of fewer than k experts, from duplicated choices)."""
+    cnt = tl.zeros((BLOCK,), dtype=tl.int32)
+    rank = tl.zeros((BLOCK,), dtype=tl.int32)
+    for e in tl.static_range(E):
+        bit = (bits >> e) & 1
+        cnt += bit
+        num = tl.full((BLOCK,), 1, tl.int32)
+        den = tl.full((BLOCK,), 1, tl.int32)
+        for i in tl.static_range(K):  # C(e, cnt) = prod_{i < cnt} (e - i) / (i + 1)
+            num *= tl.where(i < cnt, e - i, 1)
+            den *= tl.where(i < cnt, i + 1, 1)
+        rank += bit * (num // den)
+    return tl.minimum(rank, RADIX - 1)
 
 
 @triton.jit
 def _route_hist_kernel(
-    idx_ptr, gate_ptr, bits_ptr, table_ptr, hh_ptr, hg_ptr, hs_ptr,
+    idx_ptr, gate_ptr, bits_ptr, table_ptr, hh_ptr, hg_ptr, hs_ptr, sk_ptr,
     N, H, NBLK, s_in, s_ih, s_ik, s_gn, s_gh, s_gk,
     E: tl.constexpr, K: tl.constexpr, EP: tl.constexpr, NB_HEAD: tl.constexpr,
     RADIX: tl.constexpr, SIG_HEADS: tl.constexpr, NB_SIG: tl.constexpr,
@@ -181,9 +178,16 @@ def _route_hist_kernel(
         tl.store(hh_ptr + (h * NB_HEAD + head_keys) * NBLK + b, tl.histogram(bits, NB_HEAD, mask=ok))
     if SIG:
         if h == 0:
-            key = _signature(idx_ptr, tok, ok, s_in, s_ih, s_ik, E, K, RADIX, SIG_HEADS, BLOCK)
+            key = tl.zeros((BLOCK,), dtype=tl.int32)  # the signature: mixed radix over the first heads
+            for hh in tl.static_range(SIG_HEADS):
+                hb = tl.zeros((BLOCK,), dtype=tl.int32)
+                for j in tl.static_range(K):
+                    e = tl.load(idx_ptr + tok * s_in + hh * s_ih + j * s_ik, mask=ok, other=0).to(tl.int32)
+                    hb = hb | (1 << e)
+                key = key * RADIX + _subset_rank(hb, E, K, RADIX, BLOCK)
             sig_keys = tl.arange(0, NB_SIG)
             tl.store(hs_ptr + sig_keys * NBLK + b, tl.histogram(key, NB_SIG, mask=ok))
+            tl.store(sk_ptr + tok, key, mask=ok)  # the scatter sorts by it
 
 
 @triton.jit
@@ -229,24 +233,21 @@ def _route_scan_kernel(
 
 
 @triton.jit
-def _rank(key, ok, rel_ptr, start_ptr, col, cols, NB: tl.constexpr, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr):
-    """Stable destinations of one block's keys: (destination, block position, valid) in sorted order."""
+def _sort_block(key, ok, NB: tl.constexpr, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr):
+    """One block's keys, stably sorted: (key, block position, valid) at each sorted position."""
     pos = tl.arange(0, BLOCK)
     packed = (tl.where(ok, key, NB) << LOG_BLOCK) | pos
     packed = tl.sort(packed)
     key_s = packed >> LOG_BLOCK
     ok_s = key_s < NB
-    key_s = tl.where(ok_s, key_s, 0)
-    dest = tl.load(start_ptr + key_s, mask=ok_s, other=0) + tl.load(rel_ptr + key_s * cols + col, mask=ok_s, other=0)
-    return (dest + pos).to(tl.int64), packed & (BLOCK - 1), ok_s
+    return tl.where(ok_s, key_s, 0), packed & (BLOCK - 1), ok_s
 
 
 @triton.jit
 def _route_scatter_kernel(
-    idx_ptr, gate_ptr, bits_ptr, hh_ptr, sh_ptr, ho_ptr, hg_ptr, off_ptr, tok_ptr, sg_ptr, hs_ptr, ss_ptr, so_ptr,
+    idx_ptr, gate_ptr, bits_ptr, hh_ptr, sh_ptr, ho_ptr, hg_ptr, off_ptr, tok_ptr, sg_ptr, hs_ptr, ss_ptr, sk_ptr, so_ptr,
     N, H, NBLK, s_in, s_ih, s_ik, s_gn, s_gh, s_gk,
-    E: tl.constexpr, K: tl.constexpr, EP: tl.constexpr, NB_HEAD: tl.constexpr,
-    RADIX: tl.constexpr, SIG_HEADS: tl.constexpr, NB_SIG: tl.constexpr,
+    E: tl.constexpr, K: tl.constexpr, EP: tl.constexpr, NB_HEAD: tl.constexpr, NB_SIG: tl.constexpr,
     HEAD: tl.constexpr, GROUPS: tl.constexpr, SIG: tl.constexpr, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr,
 ):
     """Program (block, head, job): job 0 sorts the head order, job 1 + j the expert groups of slot j,
@@ -259,27 +260,33 @@ def _route_scatter_kernel(
     ok = tok < N
     tok = tok.to(tl.int64)
     hl = h.to(tl.int64)
+    sorted_pos = tl.arange(0, BLOCK)
+    # the element at sorted position i of key q goes to start[q] + rel[q, column] + i
     if HEAD:
         if job == 0:
             bits = tl.load(bits_ptr + tok * H + h, mask=ok, other=0)
-            dest, p, v = _rank(bits, ok, hh_ptr + hl * NB_HEAD * NBLK, sh_ptr + hl * NB_HEAD, b, NBLK,
-                               NB_HEAD, BLOCK, LOG_BLOCK)
-            tl.store(ho_ptr + dest, first + p, mask=v)
+            q, p, v = _sort_block(bits, ok, NB_HEAD, BLOCK, LOG_BLOCK)
+            dest = (tl.load(sh_ptr + hl * NB_HEAD + q, mask=v, other=0)
+                    + tl.load(hh_ptr + (hl * NB_HEAD + q) * NBLK + b, mask=v, other=0) + sorted_pos)
+            tl.store(ho_ptr + dest.to(tl.int64), first + p, mask=v)
     if GROUPS:
         if (job >= 1) & (job <= K):
             j = job - 1
             e = tl.load(idx_ptr + tok * s_in + h * s_ih + j * s_ik, mask=ok, other=0).to(tl.int32)
-            dest, p, v = _rank(e, ok, hg_ptr + hl * E * NBLK * K, off_ptr + hl * E, b * K + j, NBLK * K,
-                               EP, BLOCK, LOG_BLOCK)
+            q, p, v = _sort_block(e, ok, EP, BLOCK, LOG_BLOCK)
+            dest = (tl.load(off_ptr + hl * E + q, mask=v, other=0)
+                    + tl.load(hg_ptr + (hl * E + q) * NBLK * K + b * K + j, mask=v, other=0) + sorted_pos)
+            dest = dest.to(tl.int64)
             t = (first + p).to(tl.int64)
             g = tl.load(gate_ptr + t * s_gn + h * s_gh + j * s_gk, mask=v, other=0.0).to(tl.float32)
             tl.store(tok_ptr + dest, t.to(tl.int32), mask=v)
             tl.store(sg_ptr + dest, g, mask=v)
     if SIG:
         if (job == K + 1) & (h == 0):
-            key = _signature(idx_ptr, tok, ok, s_in, s_ih, s_ik, E, K, RADIX, SIG_HEADS, BLOCK)
-            dest, p, v = _rank(key, ok, hs_ptr, ss_ptr, b, NBLK, NB_SIG, BLOCK, LOG_BLOCK)
-            tl.store(so_ptr + dest, first + p, mask=v)
+            key = tl.load(sk_ptr + tok, mask=ok, other=0)
+            q, p, v = _sort_block(key, ok, NB_SIG, BLOCK, LOG_BLOCK)
+            dest = tl.load(ss_ptr + q, mask=v, other=0) + tl.load(hs_ptr + q * NBLK + b, mask=v, other=0) + sorted_pos
+            tl.store(so_ptr + dest.to(tl.int64), first + p, mask=v)
 
 
 def _scan_chunk(keys: int) -> int:
@@ -341,13 +348,14 @@ def route(
     sg = torch.empty(h * n * k, dtype=torch.float32, device=dev) if groups else dummy
     hs = torch.empty(nb_sig, nblk, dtype=i32, device=dev) if sig else dummy
     ss = torch.empty(nb_sig, dtype=i32, device=dev) if sig else dummy
+    sk = torch.empty(n, dtype=i32, device=dev) if sig else dummy
     so = torch.empty(n, dtype=i32, device=dev) if sig else dummy
 
     strides = (*expert_index.stride(), *gates.stride())
     flags = dict(HEAD=head, GROUPS=groups, SIG=sig)
     sizes = dict(E=e, K=k, EP=ep, NB_HEAD=nb_head)
     wrap_triton(_route_hist_kernel)[(nblk, h)](
-        expert_index, gates, bits, tab, hh, hg, hs, n, h, nblk, *strides,
+        expert_index, gates, bits, tab, hh, hg, hs, sk, n, h, nblk, *strides,
         **sizes, RADIX=radix, SIG_HEADS=sig_heads, NB_SIG=nb_sig, TABLE=table, **flags, BLOCK=block,
         num_warps=cfg.num_warps,
     )
@@ -357,8 +365,8 @@ def route(
             BC_HEAD=_scan_chunk(nb_head), BC_GROUPS=_scan_chunk(ep), BC_SIG=_scan_chunk(nb_sig), num_warps=4,
         )
         wrap_triton(_route_scatter_kernel)[(nblk, h, k + 2)](
-            expert_index, gates, bits, hh, sh, ho, hg, off, toks, sg, hs, ss, so, n, h, nblk, *strides,
-            **sizes, RADIX=radix, SIG_HEADS=sig_heads, NB_SIG=nb_sig, **flags, BLOCK=block,
+            expert_index, gates, bits, hh, sh, ho, hg, off, toks, sg, hs, ss, sk, so, n, h, nblk, *strides,
+            **sizes, NB_SIG=nb_sig, **flags, BLOCK=block,
             LOG_BLOCK=block.bit_length() - 1, num_warps=cfg.num_warps,
         )
     if table:

@@ -1,0 +1,80 @@
+"""torch.compile must see our Triton kernels write exactly their outputs.
+
+Inductor copies every argument it believes a user Triton kernel writes, and the copy is real whenever
+the tensor is read again later (expert_index is, by the gate gradient). Its TTIR analysis counts as
+written every pointer whose loads feed a @triton.jit helper that computes a store address (see
+route_triton.py). These tests run torch's own analysis on every launch of the four ops
+(benchmarks/kernel_launches.py, no GPU needed) and compare it with what each kernel stores to, by its
+flags.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from switchhead.kernels import triton_ops  # noqa: E402
+
+from ._cases import Shape, make_problem  # noqa: E402
+
+HELPER = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_launches.py"
+
+
+def _kernel_launches():
+    spec = importlib.util.spec_from_file_location("kernel_launches", HELPER)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("kernel_launches", module)  # its dataclass looks its module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _written_by_flags(kernel: str, args: dict) -> set[str]:
+    """What each kernel stores to, given its constexpr flags (the kernels' docstrings)."""
+    def when(flag: str, *names: str) -> set[str]:
+        return set(names) if args.get(flag) else set()
+
+    if kernel == "_route_hist_kernel":
+        return {"bits_ptr"} | when("TABLE", "table_ptr") | when("HEAD", "hh_ptr") | when("GROUPS", "hg_ptr") \
+            | when("SIG", "hs_ptr", "sk_ptr")
+    if kernel == "_route_scan_kernel":  # rewrites the counts in place
+        return when("HEAD", "hh_ptr", "sh_ptr") | when("GROUPS", "hg_ptr", "off_ptr") | when("SIG", "hs_ptr", "ss_ptr")
+    if kernel == "_route_scatter_kernel":
+        return when("HEAD", "ho_ptr") | when("GROUPS", "tok_ptr", "sg_ptr") | when("SIG", "so_ptr")
+    if kernel in ("_fan_in_kernel", "_fan_out_kernel"):
+        return {"out_ptr"} | when("GATE_GRAD", "gg_ptr")
+    if kernel == "_wgrad_kernel":
+        return {"gw_ptr"} | when("HAS_BIAS", "gb_ptr")
+    raise AssertionError(f"no rule for {kernel}")
+
+
+SHAPE = Shape(n=300, d=48, h=3, e=4, k=2, dh=32, d_out=40)
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("op", ["expert_v", "expert_v_backward", "expert_o", "expert_o_backward"])
+def test_torch_sees_each_kernel_write_only_its_outputs(op: str, with_bias: bool) -> None:
+    helper = _kernel_launches()
+    p = make_problem(SHAPE, torch.bfloat16, seed=0)
+    b = p.b_v if with_bias else None
+    calls = {
+        "expert_v": lambda: triton_ops.expert_v_triton(p.x, p.w_v, b, p.expert_index, p.gates),
+        "expert_v_backward": lambda: triton_ops.expert_v_backward_triton(p.grad_v, p.x, p.w_v, b, p.expert_index,
+                                                                         p.gates),
+        "expert_o": lambda: triton_ops.expert_o_triton(p.attn, p.w_o, p.expert_index, p.gates),
+        "expert_o_backward": lambda: triton_ops.expert_o_backward_triton(p.grad_o, p.attn, p.w_o, p.expert_index,
+                                                                         p.gates),
+    }
+    inputs = [t for t in vars(p).values() if isinstance(t, torch.Tensor)]
+    with helper.recorded_launches() as launches:
+        calls[op]()
+        assert len(launches) >= 4, launches  # routing (3 launches) and at least one projection
+        for launch in launches:
+            written, _ = helper.analysed_writes(launch)
+            assert written == _written_by_flags(launch.name, launch.args), f"{op}: {launch.name}"
+            assert not any(launch.args[w] is t for w in written for t in inputs), f"{op}: {launch.name} writes an input"
