@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -316,11 +317,18 @@ def _stable_provenance(program: torch.export.ExportedProgram) -> Iterator[None]:
 
 
 def _renumbered(record: dict[str, Any], numbers: dict[int, int]) -> dict[str, Any]:
-    """A serialized NodeSource with each graph id replaced by its number in `numbers` (grown as met)."""
+    """A serialized NodeSource with each graph id replaced by its number in `numbers` (grown as met),
+    and a Python function target's repr without its address ("<function router_logits at 0x7f..>")."""
     graph_id = record.get("graph_id", -1)
     if graph_id != -1:  # -1: no graph recorded
         graph_id = numbers.setdefault(graph_id, len(numbers))
-    return {**record, "graph_id": graph_id, "from_node": [_renumbered(r, numbers) for r in record.get("from_node") or []]}
+    record = {**record, "graph_id": graph_id, "from_node": [_renumbered(r, numbers) for r in record.get("from_node") or []]}
+    if isinstance(record.get("target"), str):
+        record["target"] = _ADDRESS.sub(">", record["target"])
+    return record
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
 
 
 # ----------------------------------------------------------------------------------------- load
