@@ -8,7 +8,8 @@ Contract
       are put back in their original order, so everything downstream is untouched.
     - The O projection becomes `switchhead::expert_o` routed on the query projection's input (the
       destination tokens); the dense bias stays one shared bias.
-    - Routers compute in fp32: logits = x W_r^T, top-k per head, gates = sigmoid(chosen logits).
+    - Routers compute in fp32, autocast or not: logits = x W_r^T, top-k per head, gates =
+      sigmoid(chosen logits).
     - Q, K, positional terms, masks and the attention core are not touched.
     - New parameters live on the attention's module path (`<path>.v_experts`, `.v_router`,
       `.o_experts`, `.o_router`, ...); replaced dense weights that nothing reads any more are removed.
@@ -183,12 +184,23 @@ def _rewrite_site(gm, values, site: AttentionSite, plan: SitePlan, config: Switc
     _replace(graph, o_proj, o_new, before, replaced_attrs)
 
 
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [N, d], router weight [heads*E, d] -> logits [N, heads*E] in fp32, whatever autocast is on.
+
+    The paper's routers compute in fp32; a bare fp32 linear in the graph would be cast to bf16/fp16
+    by autocast (linear is on its lower-precision list), top-k would then rank bf16 logits and the
+    gates would be bf16. The autocast-off regions survive torch.compile, torch.export (as
+    `wrap_with_autocast` HOPs, so `switchhead.save`/`load` keep them; checked on torch 2.14) and
+    ONNX export.
+    """
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        return torch.nn.functional.linear(x.float(), weight.float())
+
+
 def _router(graph: torch.fx.Graph, x2: torch.fx.Node, router_name: str, heads: int, num_experts: int, top_k: int):
     """fp32 logits [N, heads*E] -> top-k per head -> (expert index [N, heads, k], gates [N, heads, k])."""
-    x32 = graph.call_function(aten._to_copy.default, (x2,), {"dtype": torch.float32})
-    # The router stays fp32 even when the module is later cast to half precision.
-    w32 = graph.call_function(aten._to_copy.default, (graph.get_attr(router_name),), {"dtype": torch.float32})
-    logits = graph.call_function(aten.linear.default, (x32, w32))
+    # fp32 also when the module is later cast to half precision, or runs under autocast
+    logits = graph.call_function(router_logits, (x2, graph.get_attr(router_name)))
     logits = graph.call_function(aten.reshape.default, (logits, [-1, heads, num_experts]))
     top = graph.call_function(aten.topk.default, (logits, top_k))
     top.meta[ROUTER_META] = router_name

@@ -125,3 +125,29 @@ def test_same_seed_same_weights():
     second = switchhead.convert(case.build(), *case.example_inputs(), config=switchhead.SwitchHeadConfig(seed=7))
     a, b = first.state_dict(), second.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _router_dtypes(module, args: tuple, kwargs: dict) -> set:
+    """dtypes of what top-k ranks and of the gates, traced under bf16 CPU autocast."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def run(args, kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return module(*args, **kwargs)
+
+    graph = make_fx(run)(args, kwargs).graph
+    ranked = [n.args[0].meta["val"].dtype for n in graph.nodes if n.target is torch.ops.aten.topk.default]
+    gates = [n.meta["val"].dtype for n in graph.nodes if n.target is torch.ops.aten.sigmoid.default]
+    assert ranked and gates
+    return set(ranked) | set(gates)
+
+
+def test_routers_stay_fp32_under_autocast_also_after_save_and_load(tmp_path):
+    # autocast puts linear on bf16: a plain fp32 linear in the graph would rank bf16 logits
+    case = ZOO_BY_NAME["hf_llama_gqa"]
+    _, new = converted(case.name)
+    args, kwargs = case.example_inputs()
+    switchhead.save(new, tmp_path / "out", args, kwargs)
+    loaded = switchhead.load(tmp_path / "out")
+    for module in (new, loaded):
+        assert _router_dtypes(module, args, kwargs) == {torch.float32}
