@@ -316,6 +316,9 @@ def _stable_provenance(program: torch.export.ExportedProgram) -> Iterator[None]:
             node.meta["from_node"] = sources
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")  # in repr() of a function: differs per process
+
+
 def _renumbered(record: dict[str, Any], numbers: dict[int, int]) -> dict[str, Any]:
     """A serialized NodeSource with each graph id replaced by its number in `numbers` (grown as met),
     and a Python function target's repr without its address ("<function router_logits at 0x7f..>")."""
@@ -327,8 +330,6 @@ def _renumbered(record: dict[str, Any], numbers: dict[int, int]) -> dict[str, An
         record["target"] = _ADDRESS.sub(">", record["target"])
     return record
 
-
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
 
 
 # ----------------------------------------------------------------------------------------- load

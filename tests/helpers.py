@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -31,3 +35,18 @@ def output_sum(output) -> torch.Tensor:
     leaves = torch.utils._pytree.tree_leaves(output)
     return sum((leaf.float() * torch.randn_like(leaf.float())).sum() for leaf in leaves
                if isinstance(leaf, torch.Tensor) and leaf.is_floating_point())
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/<name>.py as a module (the folder is not a package); registered in sys.modules under
+    `name`, since dataclasses look their module up."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

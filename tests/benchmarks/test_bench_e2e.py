@@ -3,23 +3,16 @@ layer, training step, prefill, profile), the JSON, the markdown section and its 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_e2e.py"
+from helpers import load_benchmark
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_e2e", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_e2e", module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_e2e")
 
 
 def test_tiny_cpu_run_writes_json_and_section(tmp_path):
@@ -57,8 +50,7 @@ def test_triton_analysis_probe_counts_analyses_and_restores_torch():
     import triton.language as tl
     from torch._higher_order_ops import triton_kernel_wrap
 
-    sys.path.insert(0, str(BENCH.parent))
-    from compile_probe import triton_analysis_probe
+    triton_analysis_probe = load_benchmark("compile_probe").triton_analysis_probe
 
     @triton.jit
     def _copy(src, dst, n, BLOCK: tl.constexpr):

@@ -3,23 +3,17 @@ believed to write an input of its op, the JSON and the BENCHMARKS.md section wri
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+from helpers import load_benchmark
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernel_analysis.py"
+pytest.importorskip("triton")
 
 
 def test_paper_shapes_are_analysed_and_reported(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_kernel_analysis", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_kernel_analysis", bench)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_kernel_analysis")
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text("# Benchmarks\n\n## Kernels\n\nkernel table\n")
     result = bench.main(["--tokens", "1500", "--repeats", "1", "--write", str(doc), "--out", str(tmp_path)])

@@ -10,29 +10,16 @@ flags.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+
+from helpers import load_benchmark
 
 pytest.importorskip("triton")
 
 from switchhead.kernels import triton_ops  # noqa: E402
 
 from ._cases import Shape, make_problem  # noqa: E402
-
-HELPER = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_launches.py"
-
-
-def _kernel_launches():
-    spec = importlib.util.spec_from_file_location("kernel_launches", HELPER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("kernel_launches", module)  # its dataclass looks its module up
-    spec.loader.exec_module(module)
-    return module
-
 
 def _written_by_flags(kernel: str, args: dict) -> set[str]:
     """What each kernel stores to, given its constexpr flags (the kernels' docstrings)."""
@@ -59,7 +46,7 @@ SHAPE = Shape(n=300, d=48, h=3, e=4, k=2, dh=32, d_out=40)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("op", ["expert_v", "expert_v_backward", "expert_o", "expert_o_backward"])
 def test_torch_sees_each_kernel_write_only_its_outputs(op: str, with_bias: bool) -> None:
-    helper = _kernel_launches()
+    helper = load_benchmark("kernel_launches")
     p = make_problem(SHAPE, torch.bfloat16, seed=0)
     b = p.b_v if with_bias else None
     calls = {
