@@ -97,8 +97,10 @@ def expert_wgrad(
     p [N, H, P], q [N, H, Q] (any strides, same dtype); tokens, sorted_gates, offsets from
     routing.expert_groups.
     """
-    _, h, p_width = p.shape
-    q_width = q.shape[2]
+    # Heads and widths are weight dimensions, static in every real model. As plain ints the split
+    # heuristic stays an int; left symbolic (opcheck's dynamic test makes every size symbolic) it
+    # becomes nested FloorDivs that sympy takes minutes to simplify.
+    h, p_width, q_width = int(p.shape[1]), int(p.shape[2]), int(q.shape[2])
     groups = h * num_experts
     cfg = config or wgrad_config(p_width, q_width)
     splits = wgrad_splits(groups, p_width, q_width, cfg)
