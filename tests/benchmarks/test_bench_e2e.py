@@ -4,6 +4,7 @@ layer, training step, prefill, profile), the JSON, the markdown section and its 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +65,15 @@ def test_triton_analysis_probe_counts_analyses_and_restores_torch():
             triton_kernel_wrap.identify_accessed_tensors(_copy, kwargs, {})
     assert stats["ttir_analyses"] == 2 and stats["ttir_analysis_s"] > 0
     assert triton_kernel_wrap.identify_accessed_tensors is original
+
+
+
+def test_first_call_note_lists_every_length():
+    """A recompile at a later length must not hide the first (longest) compile of the same measure:
+    the H200 run of docs/e2e_h200_session5_47M.json compiled the SwitchHead prefill in 100 s at T=8192
+    and took 4 s at T=2048."""
+    bench = _load()
+    results = json.loads((Path(__file__).parents[2] / "docs" / "e2e_h200_session5_47M.json").read_text())
+    note = next(line for line in bench.markdown(results).splitlines() if line.startswith("- First calls"))
+    assert "47M prefill switchhead T=8192 100 s (512 analyses, 59 s)" in note
+    assert "47M prefill switchhead T=2048 4 s" in note
