@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -87,3 +89,17 @@ def check_routing(r, idx: Tensor, gates: Tensor, e: int, block: int) -> None:
     assert torch.equal(r.tokens.long(), tok.flatten()[perm]) and torch.equal(r.sorted_gates, gates.flatten()[perm])
     counts = torch.bincount(group, minlength=h * e)
     assert torch.equal(r.offsets.long(), torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+
+
+def triton_op_calls(p: Problem, bias: Tensor | None) -> dict[str, tuple[Callable[..., Any], tuple]]:
+    """The four Triton op bodies, each with its arguments from p (V's bias: `bias`, or None)."""
+    from switchhead.kernels import triton_ops
+
+    return {
+        "expert_v": (triton_ops.expert_v_triton, (p.x, p.w_v, bias, p.expert_index, p.gates)),
+        "expert_v_backward": (triton_ops.expert_v_backward_triton,
+                              (p.grad_v, p.x, p.w_v, bias, p.expert_index, p.gates)),
+        "expert_o": (triton_ops.expert_o_triton, (p.attn, p.w_o, p.expert_index, p.gates)),
+        "expert_o_backward": (triton_ops.expert_o_backward_triton,
+                              (p.grad_o, p.attn, p.w_o, p.expert_index, p.gates)),
+    }

@@ -17,9 +17,7 @@ from helpers import load_benchmark
 
 pytest.importorskip("triton")
 
-from switchhead.kernels import triton_ops  # noqa: E402
-
-from ._cases import Shape, make_problem  # noqa: E402
+from ._cases import Shape, make_problem, triton_op_calls  # noqa: E402
 
 def _written_by_flags(kernel: str, args: dict) -> set[str]:
     """What each kernel stores to, given its constexpr flags (the kernels' docstrings)."""
@@ -49,17 +47,10 @@ def test_torch_sees_each_kernel_write_only_its_outputs(op: str, with_bias: bool)
     helper = load_benchmark("kernel_launches")
     p = make_problem(SHAPE, torch.bfloat16, seed=0)
     b = p.b_v if with_bias else None
-    calls = {
-        "expert_v": lambda: triton_ops.expert_v_triton(p.x, p.w_v, b, p.expert_index, p.gates),
-        "expert_v_backward": lambda: triton_ops.expert_v_backward_triton(p.grad_v, p.x, p.w_v, b, p.expert_index,
-                                                                         p.gates),
-        "expert_o": lambda: triton_ops.expert_o_triton(p.attn, p.w_o, p.expert_index, p.gates),
-        "expert_o_backward": lambda: triton_ops.expert_o_backward_triton(p.grad_o, p.attn, p.w_o, p.expert_index,
-                                                                         p.gates),
-    }
+    body, args = triton_op_calls(p, b)[op]
     inputs = [t for t in vars(p).values() if isinstance(t, torch.Tensor)]
     with helper.recorded_launches() as launches:
-        calls[op]()
+        body(*args)
         assert len(launches) >= 4, launches  # routing (3 launches) and at least one projection
         for launch in launches:
             written, _ = helper.analysed_writes(launch)

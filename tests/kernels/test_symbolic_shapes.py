@@ -18,9 +18,7 @@ from helpers import load_benchmark
 
 pytest.importorskip("triton")
 
-from switchhead.kernels import triton_ops  # noqa: E402
-
-from ._cases import Shape, make_problem  # noqa: E402
+from ._cases import Shape, make_problem, triton_op_calls  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -42,15 +40,7 @@ def time_limit(seconds: int):
 def test_op_bodies_trace_with_every_size_symbolic(op: str) -> None:
     helper = load_benchmark("kernel_launches")
     p = make_problem(Shape(n=301, d=96, h=2, e=4, k=2, dh=32, d_out=80), torch.float32, seed=0)
-    calls = {
-        "expert_v": (triton_ops.expert_v_triton, (p.x, p.w_v, p.b_v, p.expert_index, p.gates)),
-        "expert_v_backward": (triton_ops.expert_v_backward_triton,
-                              (p.grad_v, p.x, p.w_v, p.b_v, p.expert_index, p.gates)),
-        "expert_o": (triton_ops.expert_o_triton, (p.attn, p.w_o, p.expert_index, p.gates)),
-        "expert_o_backward": (triton_ops.expert_o_backward_triton,
-                              (p.grad_o, p.attn, p.w_o, p.expert_index, p.gates)),
-    }
-    body, args = calls[op]
+    body, args = triton_op_calls(p, p.b_v)[op]
     with helper.recorded_launches() as launches, time_limit(60):
         make_fx(lambda *a: body(*a), tracing_mode="symbolic")(*args)
     names = [launch.name for launch in launches]
