@@ -28,6 +28,8 @@ lengths 8192, 2048, 512, then attention layer, training step, prefill.
            pre-LN output is under autocast) with grads for x and the weights
   MACs     our accounting (switchhead.accounting.attention_costs) for one attention layer and one
            sequence of T tokens, causal core; realisation = (attn time ratio) / (MAC ratio)
+  host     (CUDA, every timed measure) host time to issue one step without synchronising: near the
+           CUDA-event time, the step is launch-bound
 
     PYTHONPATH=. python benchmarks/bench_e2e.py --out OUT [--write BENCHMARKS.md] [--profile]
     PYTHONPATH=. python benchmarks/bench_e2e.py --device cpu --tiny --out /tmp/e2e     # smoke test
@@ -205,6 +207,20 @@ class Timer:
                 times.append((time.perf_counter() - t) * 1e3)
         return statistics.median(times), times
 
+    def host_ms(self, fn: Callable[[], Any], iters: int) -> float | None:
+        """CUDA only: host time to issue one step, with no synchronisation inside the loop. Near the
+        step's CUDA time it means the GPU waited for the host (launch-bound); well below, the GPU was the
+        limit. A step of more launches than the driver queues (about a thousand) blocks and reads high."""
+        if self.device.type != "cuda":
+            return None
+        self.sync()
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        host = (time.perf_counter() - t) * 1e3 / iters
+        self.sync()
+        return host
+
 
 def memory_reset(device: torch.device) -> int:
     if device.type != "cuda":
@@ -321,7 +337,8 @@ class Bench:
         base = memory_reset(self.device)
         ms, times = self.timer.median_ms(step, self.args.iters)
         peak = memory_peak(self.device)
-        return {"ms": ms, "times_ms": times, "first_call_s": first, **analyses,
+        host = self.timer.host_ms(step, self.args.iters)
+        return {"ms": ms, "times_ms": times, "host_ms": host, "first_call_s": first, **analyses,
                 "peak_gb": peak / 2**30 if peak is not None else None,
                 "resident_gb": base / 2**30 if peak is not None else None}
 
@@ -664,7 +681,9 @@ HOW = """What is measured (both sides in the same process, one model on the devi
 - **MAC ratio**: `switchhead.accounting.attention_costs` of that layer (causal core, per sequence),
   SwitchHead geometry read from the converted expert weights; **model MAC ratio** adds MLP and LM head
   per token. **realisation** = attention time ratio / MAC ratio (1.0: the MAC saving fully shows up as
-  time saved; target <= 1.1 at T >= 2048)."""
+  time saved; target <= 1.1 at T >= 2048).
+- **host ms** (CUDA): the host's time to issue one step with no synchronisation in the loop; close to
+  the step's CUDA-event time, the GPU waited for kernel launches (the step is launch-bound)."""
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -711,13 +730,14 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{_cell(tw, 'peak_gb')} | {_x(s['memory_ratio'])} | {_cell(pd, 'tokens_per_s', '{:,.0f}')} | "
                      f"{_cell(pw, 'tokens_per_s', '{:,.0f}')} | {_x(s['prefill_ratio'])} |")
     lines += ["", "One attention layer, forward + backward (MACs: `switchhead.accounting`, one layer, causal core):", "",
-              "| model | T | B | attn ms dense | attn ms SH | time ratio | MAC ratio | realisation |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| model | T | B | attn ms dense | attn ms SH | time ratio | MAC ratio | realisation | host ms dense | host ms SH |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in per:
         d, w = s["attn"]
         lines.append(f"| {s['model']} | {s['seq_len']} | {s['batch']} | {_cell(d, 'ms', '{:.3f}')} | "
                      f"{_cell(w, 'ms', '{:.3f}')} | {_x(s['attn_ratio'])} | {_x(s['mac_ratio'])} | "
-                     f"{_x(s['realisation'], '{:.2f}')} |")
+                     f"{_x(s['realisation'], '{:.2f}')} | {_cell(d, 'host_ms', '{:.3f}')} | "
+                     f"{_cell(w, 'host_ms', '{:.3f}')} |")
     lines += ["", "Targets (issue 8):", ""] + target_lines(summary, lengths)
     errors = [r for r in results["rows"] if r.get("error") and not r["error"].startswith("skipped")]
     skipped = [r for r in results["rows"] if r.get("error", "").startswith("skipped")]
