@@ -210,7 +210,8 @@ class Timer:
     def host_ms(self, fn: Callable[[], Any], iters: int) -> float | None:
         """CUDA only: host time to issue one step, with no synchronisation inside the loop. Near the
         step's CUDA time it means the GPU waited for the host (launch-bound); well below, the GPU was the
-        limit. A step of more launches than the driver queues (about a thousand) blocks and reads high."""
+        limit. A step with more pending launches than the driver's queue holds blocks in the loop and
+        reads high."""
         if self.device.type != "cuda":
             return None
         self.sync()
