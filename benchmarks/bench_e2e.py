@@ -12,10 +12,10 @@ SwitchHead side keeps the dense head size: noted in the output, and the MAC rati
 geometry actually built (read from the expert weights).
 
 Measured in one run, dense and SwitchHead side by side, for each sequence length T with the same
-tokens per step (B = tokens // T), bf16 autocast, torch.compile (default mode) on both sides. By
-default each (model, side, measure) compiles once for all lengths, its batch and sequence dims
-marked dynamic (`--shapes static`: one compile per length as well, about three times the compile
-time; a key whose dynamic compile fails is retried static). `--budget-s` stops starting new
+tokens per step (B = tokens // T), bf16 autocast, torch.compile on both sides (default mode, or
+`--compile-mode`). By default each (model, side, measure) compiles once for all lengths, its batch
+and sequence dims marked dynamic (`--shapes static`: one compile per length as well, about three
+times the compile time; a key whose dynamic compile fails is retried static). `--budget-s` stops starting new
 measurements after that many seconds (those rows say "skipped"); order: pairs as given (262M first),
 lengths 8192, 2048, 512, then attention layer, training step, prefill.
   train    one step: forward, cross-entropy, backward, fused AdamW, zero_grad; CUDA-event median
@@ -223,6 +223,14 @@ class Timer:
         return host
 
 
+def _new_cudagraph_step(step: Callable[[], Any]) -> Callable[[], Any]:
+    """Each call starts a new CUDA-graph step: the previous step's outputs may be overwritten."""
+    def marked():
+        torch.compiler.cudagraph_mark_step_begin()
+        return step()
+    return marked
+
+
 def memory_reset(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
@@ -284,7 +292,8 @@ class Bench:
         if not self.args.compile:
             return module
         if key not in self.compiled:
-            self.compiled[key] = torch.compile(module, dynamic=None if self.dynamic(key) else False)
+            mode = None if self.args.compile_mode == "default" else self.args.compile_mode
+            self.compiled[key] = torch.compile(module, dynamic=None if self.dynamic(key) else False, mode=mode)
         return self.compiled[key]
 
     def mark(self, key: tuple, *tensors: torch.Tensor) -> None:
@@ -331,6 +340,8 @@ class Bench:
 
     def timed(self, step: Callable[[], Any]) -> dict[str, Any]:
         """First call (compile), warm-up, then the median of the timed steps and their peak memory."""
+        if self.args.compile and self.args.compile_mode == "reduce-overhead":
+            step = _new_cudagraph_step(step)
         with triton_analysis_probe() as analyses:
             first = self.timer.first_call(step)
         for _ in range(self.args.warmup):
@@ -571,7 +582,7 @@ def meta(args: argparse.Namespace) -> dict[str, Any]:
     info = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "python": platform.python_version(), "device": args.device,
             "argv": " ".join(sys.argv[1:]), "tokens_per_step": args.tokens, "warmup": args.warmup,
-            "iters": args.iters, "compile": args.compile, "shapes": args.shapes, "bf16": args.bf16,
+            "iters": args.iters, "compile": args.compile, "compile_mode": args.compile_mode, "shapes": args.shapes, "bf16": args.bf16,
             "head_dim_in_config": supports_head_dim()}
     if args.device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -696,7 +707,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Device: {dev}; torch {m['torch']}" + (f", triton {m['triton']}" if "triton" in m else "") +
         f", python {m['python']}; {'bf16 autocast' if m['bf16'] else 'fp32'}; "
-        f"{'torch.compile (default mode, ' + m['shapes'] + ' shapes)' if m['compile'] else 'eager'}; "
+        f"{'torch.compile (' + m.get('compile_mode', 'default') + ' mode, ' + m['shapes'] + ' shapes)' if m['compile'] else 'eager'}; "
         f"{m['tokens_per_step']} tokens per step (B = tokens // T); medians of {m['iters']} "
         f"{'CUDA-event-timed' if m['device'].startswith('cuda') else 'wall-clock'} steps after {m['warmup']} "
         f"warm-up steps; run {m['date_utc']}" + (f", {m['wall_s']:.0f} s in all." if 'wall_s' in m else "."),
@@ -899,6 +910,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA")
+    ap.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                    default="default", help="torch.compile mode for both sides (reduce-overhead: CUDA graphs, "
+                    "which take the host's launch work out of each step)")
     ap.add_argument("--shapes", choices=["dynamic", "static"], default="dynamic",
                     help="dynamic: one compile per model, side and measure for all lengths (batch and sequence "
                          "dims marked dynamic); static: one compile per length as well")
