@@ -16,6 +16,8 @@ from typing import Any, Callable
 import click
 import torch
 
+from switchhead.healing.config import LOSSES
+
 HEAL_PARAMS = ("heal_data", "heal_steps", "heal_minutes", "heal_lr", "heal_batch_size", "heal_seq_len", "heal_loss",
                "heal_layout", "heal_eval_every", "heal_checkpoint_dir", "heal_checkpoint_every", "heal_resume",
                "heal_train_only", "heal_device")
@@ -36,8 +38,9 @@ def heal_options(command: Callable) -> Callable:
         click.option("--heal-batch-size", type=int, default=8, show_default=True, help="Sequences per step."),
         click.option("--heal-seq-len", type=int, default=256, show_default=True,
                      help="Tokens per packed sequence (max tokens per sentence with --heal-layout sentences)."),
-        click.option("--heal-loss", type=click.Choice(["auto", "kl", "mse", "cosine"]), default="auto", show_default=True,
-                     help="kl on logits, mse / cosine on hidden states; auto: kl when the model outputs logits."),
+        click.option("--heal-loss", type=click.Choice(LOSSES), default="auto", show_default=True,
+                     help="kl on logits, mse / cosine on hidden states, cosine_pooled adds the sentence embeddings' "
+                          "cosine; auto: kl when the model outputs logits."),
         click.option("--heal-layout", type=click.Choice(["auto", "packed", "sentences"]), default="auto",
                      show_default=True,
                      help="packed: documents joined and cut into --heal-seq-len windows (language models); "

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from switchhead.config import check_regex
 
-LOSSES = ("auto", "kl", "mse", "cosine")
+LOSSES = ("auto", "kl", "mse", "cosine", "cosine_pooled")
 TASKS = ("auto", "causal_lm", "encoder")
 PRECISIONS = ("auto", "fp32", "bf16")
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -41,8 +41,9 @@ class HealConfig:
         batch_size: sequences per step on EACH process; the global batch is batch_size * world size.
         seq_len: tokens per packed sequence when `data` is a tensor of token ids.
         loss: "kl" on logits (temperature `temperature`), "mse" on the hidden states (relative to the
-            teacher's mean square), "cosine" (1 - cosine similarity of each token's hidden state), or
-            "auto": kl where the output has logits, else mse.
+            teacher's mean square), "cosine" (1 - cosine similarity of each token's hidden state),
+            "cosine_pooled" (cosine plus 1 - cosine of the mean-pooled sentence embeddings, per
+            token), or "auto": kl where the output has logits, else mse.
         temperature: softmax temperature of the KL loss (the loss is scaled by temperature**2).
         task: what the evaluation measures: "causal_lm" (perplexity on next tokens), "encoder"
             (cosine similarity of mean-pooled embeddings to the teacher's), "auto" (causal_lm when
@@ -78,7 +79,7 @@ class HealConfig:
     grad_clip: float = 1.0
     batch_size: int = 8
     seq_len: int = 256
-    loss: Literal["auto", "kl", "mse", "cosine"] = "auto"
+    loss: Literal["auto", "kl", "mse", "cosine", "cosine_pooled"] = "auto"
     temperature: float = 1.0
     task: Literal["auto", "causal_lm", "encoder"] = "auto"
     eval_every: int = 100

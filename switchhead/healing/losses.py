@@ -92,7 +92,18 @@ def cosine_loss(student: Any, teacher: Any, mask_of: Callable, temperature: floa
     return _per_layer(student, teacher, mask_of, lambda s, t: 1 - F.cosine_similarity(s, t, dim=-1))
 
 
-LOSSES: dict[str, Callable[..., Pair]] = {"kl": kl_loss, "mse": mse_loss, "cosine": cosine_loss}
+def cosine_pooled_loss(student: Any, teacher: Any, mask_of: Callable, temperature: float) -> Pair:
+    """cosine_loss plus, for each sentence, 1 - cos of the mean-pooled sentence embeddings (what an
+    encoder is scored on), counted once per real token of the sentence so both terms weigh alike."""
+    total, count = cosine_loss(student, teacher, mask_of, temperature)
+    hidden = hidden_of(student)
+    mask = mask_of(hidden.shape[:2], hidden.device)
+    per_sentence = 1 - F.cosine_similarity(mean_pooled(student, mask), mean_pooled(teacher, mask), dim=-1)  # [B]
+    return total + (per_sentence * mask.sum(1)).sum(), count
+
+
+LOSSES: dict[str, Callable[..., Pair]] = {"kl": kl_loss, "mse": mse_loss, "cosine": cosine_loss,
+                                          "cosine_pooled": cosine_pooled_loss}
 
 
 def resolve_loss(name: str, teacher_output: Any) -> str:

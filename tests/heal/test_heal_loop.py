@@ -121,14 +121,16 @@ class _BertSentences:
         return (), {"input_ids": ids * mask, "attention_mask": mask}
 
 
-def test_encoder_heals_on_hidden_states_and_reports_embedding_cosine():
+@pytest.mark.parametrize(("loss", "resolved"), [("auto", "mse"), ("cosine_pooled", "cosine_pooled")])
+def test_encoder_heals_on_hidden_states_and_reports_embedding_cosine(loss, resolved):
     case = ZOO_BY_NAME["hf_bert"]
     teacher = case.build()
     args, kwargs = case.example_inputs()
     student = switchhead.convert(teacher, args, kwargs, config=FOLD)
     data = _BertSentences()
-    result = heal(student, teacher, data, config=_cfg(steps=10, lr=3e-4, warmup=2, batch_size=64), eval_data=data)
-    assert result.loss == "mse" and result.task == "encoder"
+    config = _cfg(steps=10, lr=3e-4, warmup=2, batch_size=64, loss=loss)
+    result = heal(student, teacher, data, config=config, eval_data=data)
+    assert result.loss == resolved and result.task == "encoder"
     assert 0 < result.evals[0]["cosine"] <= 1 and 0 < result.evals[-1]["cosine"] <= 1
     assert result.history[-1]["loss"] < result.history[0]["loss"]
 
