@@ -331,7 +331,6 @@ def _renumbered(record: dict[str, Any], numbers: dict[int, int]) -> dict[str, An
     return record
 
 
-
 # ----------------------------------------------------------------------------------------- load
 
 
