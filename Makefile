@@ -1,17 +1,21 @@
 # Two entry points: `make demo` (set up, convert an example model) and `make test` (set up, run tests).
-# Both create ./.venv once; torch comes from the pinned CPU-machine release.
+# Both create ./.venv once and install the versions in constraints.txt, known to pass the suite: a new
+# upstream release cannot turn main red without a change here. `make test LOCK=` installs the newest
+# releases the package's ranges allow instead; `make lock` refreshes constraints.txt from them.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
+LOCK ?= constraints.txt
+PIN := $(if $(LOCK),-c $(LOCK))
 
-.PHONY: setup demo test
+.PHONY: setup demo test lock
 
-$(BIN)/switchhead-rewrite: pyproject.toml
+$(BIN)/switchhead-rewrite: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q $(PIN) $(TORCH)
+	$(BIN)/pip install -q $(PIN) -e ".[test]"
 	touch $@
 
 setup: $(BIN)/switchhead-rewrite
@@ -24,3 +28,16 @@ demo: setup
 TEST_WORKERS ?= 2
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS)
+
+# A fresh environment with the newest allowed releases, frozen into constraints.txt. Run the suite on
+# it (`make test LOCK=` in a fresh clone) before committing the new file.
+LOCK_VENV := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q $(TORCH)
+	$(LOCK_VENV)/bin/pip install -q -e ".[test]"
+	{ echo "# Versions known to pass 'make test' (Python 3.11, x86-64). Refresh: make lock, then make test."; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v '^#'; } > constraints.txt
+	rm -rf $(LOCK_VENV)

@@ -123,7 +123,7 @@ def signature_key(expert_index: Tensor, num_experts: int, max_keys: int = SIG_KE
 # walking back from each tl.store's address through everything that computed it, stopping at tl.load
 # but not at a call of a @triton.jit helper, whose pointer arguments it then counts as written. A
 # store address computed by a helper that loads would mark expert_index and the scanned counts as
-# outputs, and Inductor would copy them before every launch (tests/kernels/test_kernel_writes.py).
+# outputs, and Inductor would copy them before every launch (tests/test_kernels/test_kernel_writes.py).
 # So helpers take and return values only; the loads that feed an address are written out in place.
 
 

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/kernels/test_interpret.py"
+assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_kernels/test_interpret.py"
 
 import switchhead.kernels  # noqa: E402,F401
 from switchhead.kernels import reference, route_triton, routing  # noqa: E402
