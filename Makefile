@@ -26,8 +26,10 @@ demo: setup
 # pytest exits 5 when it collects no test: that fails the target like any other failure.
 # Two pytest-xdist workers cut the suite from 10.9 to 6.1 min on the 2-core CI machine.
 TEST_WORKERS ?= 2
+# A compile cache of this checkout's own: Inductor's shared /tmp cache does not key on our ops'
+# schemas, so code compiled by another checkout of another version could be reused.
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS)
+	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.inductor-cache $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS)
 
 # A fresh environment with the newest allowed releases, frozen into constraints.txt. Run the suite on
 # it (`make test LOCK=` in a fresh clone) before committing the new file.
