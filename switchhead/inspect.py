@@ -18,7 +18,7 @@ class _RouterRecorder(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node) -> Any:
         out = super().run_node(n)
         if ROUTER_META in n.meta:
-            self.choices[n.meta[ROUTER_META]] = out[1].detach()  # expert index [N, heads, k]
+            self.choices[n.meta[ROUTER_META]] = out[0].detach()  # expert index [N, heads, k]
         return out
 
 

@@ -8,8 +8,9 @@ Contract
       are put back in their original order, so everything downstream is untouched.
     - The O projection becomes `switchhead::expert_o` routed on the query projection's input (the
       destination tokens); the dense bias stays one shared bias.
-    - Routers compute in fp32, autocast or not: logits = x W_r^T, top-k per head, gates =
-      sigmoid(chosen logits).
+    - Routers compute in fp32, autocast or not: logits = x W_r^T, top-k per head (by comparisons,
+      kernels/select.py), gates = sigmoid(chosen logits).
+    - The expert ops get `config.expert_impl` when it is not "auto" (kernels/choice.py).
     - Q, K, positional terms, masks and the attention core are not touched.
     - New parameters live on the attention's module path (`<path>.v_experts`, `.v_router`,
       `.o_experts`, `.o_router`, ...); replaced dense weights that nothing reads any more are removed.
@@ -30,6 +31,7 @@ import torch.fx
 from switchhead import experts as expert_init
 from switchhead.config import SwitchHeadConfig
 from switchhead.graph.ops import linear_parts
+from switchhead.kernels.select import select_experts
 from switchhead.site import AttentionSite
 
 aten = torch.ops.aten
@@ -137,6 +139,7 @@ def _rewrite_site(gm, values, site: AttentionSite, plan: SitePlan, config: Switc
 
     graph = gm.graph
     before = set(graph.nodes)
+    impl = () if config.expert_impl == "auto" else (config.expert_impl,)  # default graphs stay as before
 
     # ---- V: fan-out expert projection routed on the source tokens. The projection's surviving
     # columns are rebuilt in their original order: [dense rest | experts] -> permutation.
@@ -148,7 +151,8 @@ def _rewrite_site(gm, values, site: AttentionSite, plan: SitePlan, config: Switc
         index, gates = _router(graph, x2, names["v_router"], plan.num_kv_heads, num_experts, config.top_k)
         v_out = graph.call_function(torch.ops.switchhead.expert_v.default, (
             x2, graph.get_attr(names["v_experts"]),
-            graph.get_attr(names["v_experts_bias"]) if "v_experts_bias" in names else None, index, gates))
+            graph.get_attr(names["v_experts_bias"]) if "v_experts_bias" in names else None, index, gates,
+            *impl))
         if rest.numel():
             rest_w = register(owner, site.path, "v_rest_weight", plan.value_weight[rest].clone())
             rest_b = (register(owner, site.path, "v_rest_bias", plan.value_bias[rest].clone())
@@ -177,7 +181,7 @@ def _rewrite_site(gm, values, site: AttentionSite, plan: SitePlan, config: Switc
         q2, _ = _rows(graph, site.query_input, values[site.query_input].dim(), site.query_dim)
         index, gates = _router(graph, q2, names["o_router"], plan.num_heads, num_experts, config.top_k)
         o_out = graph.call_function(torch.ops.switchhead.expert_o.default, (
-            heads, graph.get_attr(names["o_experts"]), index, gates))
+            heads, graph.get_attr(names["o_experts"]), index, gates, *impl))
         if o_bias is not None:
             o_out = graph.call_function(aten.add.Tensor, (o_out, o_bias))
         o_new = _unrows(graph, o_out, lead, site.out_dim)
@@ -198,15 +202,15 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _router(graph: torch.fx.Graph, x2: torch.fx.Node, router_name: str, heads: int, num_experts: int, top_k: int):
-    """fp32 logits [N, heads*E] -> top-k per head -> (expert index [N, heads, k], gates [N, heads, k])."""
+    """fp32 logits [N, heads*E] -> top-k per head by comparisons (kernels/select.py) -> (expert index
+    [N, heads, k], gates [N, heads, k])."""
     # fp32 also when the module is later cast to half precision, or runs under autocast
     logits = graph.call_function(router_logits, (x2, graph.get_attr(router_name)))
     logits = graph.call_function(aten.reshape.default, (logits, [-1, heads, num_experts]))
-    top = graph.call_function(aten.topk.default, (logits, top_k))
+    top = graph.call_function(select_experts, (logits, top_k))
     top.meta[ROUTER_META] = router_name
-    chosen = graph.call_function(operator.getitem, (top, 0))
-    index = graph.call_function(operator.getitem, (top, 1))
-    gates = graph.call_function(aten.sigmoid.default, (chosen,))
+    index = graph.call_function(operator.getitem, (top, 0))
+    gates = graph.call_function(operator.getitem, (top, 1))
     return index, gates
 
 

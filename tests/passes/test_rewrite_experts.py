@@ -128,7 +128,8 @@ def test_same_seed_same_weights():
 
 
 def _router_dtypes(module, args: tuple, kwargs: dict) -> set:
-    """dtypes of what top-k ranks and of the gates, traced under bf16 CPU autocast."""
+    """dtypes of what the selection ranks (its first op, isnan, sees the logits) and of the gates,
+    traced under bf16 CPU autocast."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def run(args, kwargs):
@@ -136,7 +137,7 @@ def _router_dtypes(module, args: tuple, kwargs: dict) -> set:
             return module(*args, **kwargs)
 
     graph = make_fx(run)(args, kwargs).graph
-    ranked = [n.args[0].meta["val"].dtype for n in graph.nodes if n.target is torch.ops.aten.topk.default]
+    ranked = [n.args[0].meta["val"].dtype for n in graph.nodes if n.target is torch.ops.aten.isnan.default]
     gates = [n.meta["val"].dtype for n in graph.nodes if n.target is torch.ops.aten.sigmoid.default]
     assert ranked and gates
     return set(ranked) | set(gates)
