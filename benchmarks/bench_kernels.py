@@ -1,41 +1,43 @@
-"""How fast are the SwitchHead expert kernels against cuBLAS and the usual MoE baselines? (H200, bf16)
+"""Are the expert ops faster than every simple alternative? (H200, bf16, one run, same inputs)
 
-For the paper's shapes and T = 8k..64k tokens, times in one run, each through a CUDA graph replay
-(triton.testing.do_bench_cudagraph, median; launch overhead out, L2 not flushed, same for every row):
-  ours     torch.ops.switchhead.expert_v / expert_o (Triton routing + Triton kernels), and their
-           forward+backward (autograd through both ops: dx, dW, d gates for V and O);
-  cublas   a FLOP-matched dense GEMM: V [T, d] @ [d, H*k*dh], O [T, H*k*dh] @ [H*k*dh, d],
-           fwd+bwd the two as nn.Linear-style forward + backward (dX, dW);
-  dense    all E experts through cuBLAS, gate table multiply and sum in torch;
-  grouped  gather rows per (head, expert) + torch._grouped_mm + gate + scatter/sum (index_add).
-Useful FLOPs: 2*T*H*k*d*dh per projection forward, 3x that for forward+backward.
+For the paper's and the fold shapes at N tokens, random routing (router logits -> select_experts),
+each variant compiled with torch.compile (token dim dynamic) and timed by CUDA-graph replay medians
+(triton.testing.do_bench_cudagraph; launch overhead out, same for every row):
+  ours     torch.ops.switchhead.expert_v / expert_o as a model calls them (impl="auto": choice.py's
+           rule per op); also with impl="dense" and impl="sparse" forced;
+  allE     the all-experts formula of kernels/reference.py, torch.compile'd: one GEMM over all H*E*dh
+           columns, dense gate table, multiply and sum (the simplest fast alternative);
+  cublas   a FLOP-matched dense GEMM of the useful work: V [N, d] @ [d, H*k*dh], O [N, H*k*dh] @
+           [H*k*dh, d]; forward+backward as two nn.Linear-style layers (dX, dW);
+  grouped  gather rows per (head, expert) + torch._grouped_mm + gate + index_add (eager).
+Ops: V fwd, O fwd, and fwd+bwd = V then O, gradients of x, both weights and both gate sets.
+Useful FLOPs: 2*N*H*k*d*dh per projection forward, 3x that per projection forward+backward.
+Also: the routers' selection (select_experts, compiled, one kernel) against torch.topk, and its share
+of the op time.
 
-    PYTHONPATH=. python benchmarks/bench_kernels.py [--tokens 8192 16384 ...] [--shapes 262M ...]
-        [--write BENCHMARKS.md] [--sweep] [--breakdown [--breakdown-tokens 16384]]
+    PYTHONPATH=. python benchmarks/bench_kernels.py [--tokens 16384 65536] [--shapes 262M ...]
+        [--write BENCHMARKS.md] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
+import json
 import platform
-import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-import triton
-from triton.testing import do_bench, do_bench_cudagraph
 
 import switchhead.kernels  # noqa: F401  (registers the ops)
-from switchhead.kernels import route_triton, routing
-from switchhead.kernels.fan_in import fan_in
-from switchhead.kernels.fan_out import TileConfig, fan_out
-from switchhead.kernels.wgrad import expert_wgrad
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from markdown_section import write_section  # noqa: E402
+from switchhead.kernels import choice, reference, routing
+from switchhead.kernels.select import select_experts
+
+try:
+    from markdown_section import write_section
+except ImportError:  # imported as benchmarks.bench_kernels
+    from benchmarks.markdown_section import write_section
 
 
 @dataclass(frozen=True)
@@ -52,336 +54,284 @@ SHAPES = [
     Shape("262M", 1024, 4, 4, 2, 112),
     Shape("262M-Wt103", 1024, 2, 8, 4, 132),
     Shape("47M", 412, 2, 5, 3, 76),
+    Shape("SmolLM2 fold", 576, 3, 3, 2, 64),
+    Shape("Llama-1B fold", 2048, 8, 4, 2, 64),
 ]
-TARGETS = {"V fwd": 0.75, "O fwd": 0.60, "fwd+bwd": 0.50}
+OPS = ("V fwd", "O fwd", "fwd+bwd")
+SPARSE_TARGETS = {"V fwd": 0.75, "O fwd": 0.60, "fwd+bwd": 0.50}  # of cuBLAS, at 262M and Llama-1B fold
+SPARSE_TARGET_SHAPES = ("262M", "Llama-1B fold")
+IMPL_VARIANTS = ("auto", "dense", "sparse")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Row:
     shape: str
     tokens: int
     op: str
-    ours_ms: float
-    tflops: float
-    cublas_ms: float
-    dense_ms: float
-    grouped_ms: float | None
+    choice: str  # what auto ran: V fwd / V bwd / O fwd / O bwd
+    ms: dict[str, float]  # variant -> median ms
+    useful_flops: float
+    max_rel_err: dict[str, float]  # variant -> error against fp64
 
-    @property
-    def of_cublas(self) -> float:
-        return self.cublas_ms / self.ours_ms
+    def ratio(self, base: str, variant: str = "auto") -> float:
+        return self.ms[base] / self.ms[variant]
 
 
-NOTES: list[str] = []
-REP_MS = 60  # do_bench(_cudagraph) measuring time per timing (--rep)
+def timer(device: str, rep_ms: int) -> Callable[[Callable[[], object]], float]:
+    if device == "cpu":  # the CPU smoke run of the tests: plain wall-clock medians
+        import statistics
+        import time
 
+        def bench_cpu(fn):
+            fn()
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times) * 1e3
 
-def bench(fn: Callable[[], object], label: str = "") -> float:
-    """Median ms of CUDA-graph replays of fn; plain launches (noted) where fn cannot be captured."""
-    fn()
-    torch.cuda.synchronize()
-    try:
-        return do_bench_cudagraph(fn, rep=REP_MS, return_mode="median")
-    except RuntimeError as err:
-        NOTES.append(f"{label}: not capturable in a CUDA graph ({str(err).splitlines()[0][:100]}), timed eagerly")
+        return bench_cpu
+    from triton.testing import do_bench_cudagraph
+
+    def bench_cuda(fn):
+        fn()
         torch.cuda.synchronize()
-        return do_bench(fn, rep=REP_MS, return_mode="median")
+        return do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+
+    return bench_cuda
 
 
-def problem(s: Shape, t: int, dtype=torch.bfloat16):
-    dev = "cuda"
-    scores_v = torch.randn(t, s.h, s.e, device=dev)
-    scores_o = torch.randn(t, s.h, s.e, device=dev)
-    gv, iv = scores_v.topk(s.k, dim=-1)
-    go, io = scores_o.topk(s.k, dim=-1)
+def problem(s: Shape, n: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+    idx_v, g_v = select_experts(torch.randn(n, s.h, s.e, device=device), s.k)
+    idx_o, g_o = select_experts(torch.randn(n, s.h, s.e, device=device), s.k)
     return dict(
-        x=torch.randn(t, s.d, device=dev, dtype=dtype),
-        w_v=torch.randn(s.h, s.e, s.d, s.dh, device=dev, dtype=dtype) * s.d ** -0.5,
-        attn=torch.randn(t, s.h, s.dh, device=dev, dtype=dtype),
-        w_o=torch.randn(s.h, s.e, s.dh, s.d, device=dev, dtype=dtype) * (s.h * s.dh) ** -0.5,
-        idx_v=iv, g_v=gv.sigmoid(), idx_o=io, g_o=go.sigmoid(),
-        gy=torch.randn(t, s.d, device=dev, dtype=dtype),
+        x=rand(n, s.d), w_v=rand(s.h, s.e, s.d, s.dh, scale=s.d ** -0.5), attn=rand(n, s.h, s.dh),
+        w_o=rand(s.h, s.e, s.dh, s.d, scale=(s.h * s.dh) ** -0.5), idx_v=idx_v, g_v=g_v, idx_o=idx_o, g_o=g_o,
+        gy=rand(n, s.d),
     )
 
 
-def ours(p, s: Shape):
-    t = p["x"].shape[0]
-    v = lambda: torch.ops.switchhead.expert_v(p["x"], p["w_v"], None, p["idx_v"], p["g_v"])  # noqa: E731
-    o = lambda: torch.ops.switchhead.expert_o(p["attn"], p["w_o"], p["idx_o"], p["g_o"])  # noqa: E731
-    leaves = [p["x"].requires_grad_(), p["w_v"].requires_grad_(), p["w_o"].requires_grad_(),
-              p["g_v"].requires_grad_(), p["g_o"].requires_grad_()]
+def _leaves(p):
+    return [p[k].detach().requires_grad_() for k in ("x", "w_v", "w_o", "g_v", "g_o")]
+
+
+TOKEN_INPUTS = ("x", "attn", "idx_v", "g_v", "idx_o", "g_o", "gy")
+
+
+def compiled_layer(s: Shape, v_op: Callable, o_op: Callable) -> tuple[Callable, ...]:
+    """V, O and V-then-O, each compiled once per shape: weights static, the token dim dynamic
+    (marked on each problem's inputs), as in a model compiled for varying batch and length."""
+    def layer(x, w_v, w_o, g_v, g_o, idx_v, idx_o):
+        y = v_op(x, w_v, idx_v, g_v)
+        return o_op(y.view(x.shape[0], s.h, s.dh), w_o, idx_o, g_o)
+
+    return tuple(torch.compile(f) for f in (v_op, o_op, layer))
+
+
+def expert_fns(p, compiled: tuple[Callable, ...]) -> tuple[Callable, ...]:
+    """(V fwd, O fwd, fwd+bwd) closures over one problem."""
+    v, o, vo = compiled
+    leaves = _leaves(p)
+    for t in leaves[0:1] + leaves[3:]:
+        torch._dynamo.mark_dynamic(t, 0)
 
     def fwd_bwd():
-        y = torch.ops.switchhead.expert_v(p["x"], p["w_v"], None, p["idx_v"], p["g_v"])
-        out = torch.ops.switchhead.expert_o(y.view(t, s.h, s.dh), p["w_o"], p["idx_o"], p["g_o"])
+        out = vo(*leaves, p["idx_v"], p["idx_o"])
         return torch.autograd.grad(out, leaves, p["gy"])
 
-    return v, o, fwd_bwd
+    return (lambda: v(p["x"], p["w_v"], p["idx_v"], p["g_v"]),
+            lambda: o(p["attn"], p["w_o"], p["idx_o"], p["g_o"]), fwd_bwd)
 
 
-def cublas(p, s: Shape):
-    t, width = p["x"].shape[0], s.h * s.k * s.dh
-    w1 = torch.randn(s.d, width, device="cuda", dtype=p["x"].dtype, requires_grad=True)
-    w2 = torch.randn(width, s.d, device="cuda", dtype=p["x"].dtype, requires_grad=True)
-    z = torch.randn(t, width, device="cuda", dtype=p["x"].dtype)
+def ours(impl: str):
+    def v_op(x, w, idx, g):
+        return torch.ops.switchhead.expert_v(x, w, None, idx, g, impl)
+
+    def o_op(a, w, idx, g):
+        return torch.ops.switchhead.expert_o(a, w, idx, g, impl)
+
+    return v_op, o_op
+
+
+def all_experts():
+    def v_op(x, w, idx, g):
+        return reference.expert_v_reference(x, w, None, idx, g)
+
+    return v_op, reference.expert_o_reference
+
+
+def cublas(p, s: Shape) -> tuple[Callable, ...]:
+    n, width, dev, dt = p["x"].shape[0], s.h * s.k * s.dh, p["x"].device, p["x"].dtype
+    w1 = torch.randn(s.d, width, device=dev, dtype=dt, requires_grad=True)
+    w2 = torch.randn(width, s.d, device=dev, dtype=dt, requires_grad=True)
+    z = torch.randn(n, width, device=dev, dtype=dt)
     x = p["x"].detach().requires_grad_()
-
-    def fwd_bwd():
-        return torch.autograd.grad((x @ w1) @ w2, [x, w1, w2], p["gy"])
-
-    return (lambda: x @ w1), (lambda: z @ w2), fwd_bwd
+    return (lambda: x @ w1), (lambda: z @ w2), (lambda: torch.autograd.grad((x @ w1) @ w2, [x, w1, w2], p["gy"]))
 
 
-def dense(p, s: Shape):
-    t = p["x"].shape[0]
-    dtype = p["x"].dtype
-    w_v = p["w_v"].detach().permute(2, 0, 1, 3).reshape(s.d, -1).contiguous().requires_grad_()
-    w_o = p["w_o"].detach().reshape(-1, s.d).requires_grad_()
-    x, attn = p["x"].detach().requires_grad_(), p["attn"].detach()
-    g_v = routing.gate_table(p["idx_v"], p["g_v"].detach(), s.e).to(dtype).requires_grad_()
-    g_o = routing.gate_table(p["idx_o"], p["g_o"].detach(), s.e).to(dtype).requires_grad_()
-
-    def v(x=x):
-        return ((x @ w_v).view(t, s.h, s.e, s.dh) * g_v.unsqueeze(-1)).sum(2).view(t, -1)
-
-    def o(a=attn):
-        return (a.unsqueeze(2) * g_o.unsqueeze(-1)).reshape(t, -1) @ w_o
-
-    def fwd_bwd():
-        return torch.autograd.grad(o(v().view(t, s.h, s.dh)), [x, w_v, w_o, g_v, g_o], p["gy"])
-
-    return v, o, fwd_bwd
-
-
-def _pad8(t: torch.Tensor, *dims: int) -> torch.Tensor:
-    """Zero-pad the given dims to multiples of 8 elements (_grouped_mm wants 16-byte strides)."""
-    pad = [0] * (2 * t.dim())
-    for dim in dims:
-        pad[2 * (t.dim() - 1 - dim) + 1] = -t.shape[dim] % 8
-    return torch.nn.functional.pad(t, pad)
-
-
-def grouped(p, s: Shape):
-    """gather + torch._grouped_mm (bf16, sm90) + gate + scatter-sum. d and dh are zero-padded to
-    multiples of 8 outside the timed region (this favours the baseline)."""
-    t = p["x"].shape[0]
-    w_v = _pad8(p["w_v"].detach(), 2, 3).view(s.h * s.e, -1, _pad8(p["w_v"][0, 0], 0, 1).shape[1])
-    w_o = _pad8(p["w_o"].detach(), 2, 3).view(s.h * s.e, w_v.shape[2], w_v.shape[1])
-    w_v, w_o = w_v.contiguous().requires_grad_(), w_o.contiguous().requires_grad_()
-    x, attn = _pad8(p["x"].detach(), 1).requires_grad_(), _pad8(p["attn"].detach(), 2)
-    dh_p = w_v.shape[2]
+def grouped(p, s: Shape) -> tuple[Callable, ...]:
+    """gather + torch._grouped_mm (bf16, sm90) + gate + index_add, eager. Needs d, dh multiples of 8."""
+    n = p["x"].shape[0]
+    w_v = p["w_v"].detach().reshape(s.h * s.e, s.d, s.dh).contiguous().requires_grad_()
+    w_o = p["w_o"].detach().reshape(s.h * s.e, s.dh, s.d).contiguous().requires_grad_()
+    x = p["x"].detach().requires_grad_()
     g_v, g_o = p["g_v"].detach().requires_grad_(), p["g_o"].detach().requires_grad_()
 
     def groups(idx, g):
-        heads = torch.arange(s.h, device="cuda").view(1, s.h, 1)
-        key = (heads * s.e + idx).flatten()
+        key = (torch.arange(s.h, device=idx.device).view(1, s.h, 1) * s.e + idx).flatten()
         order = torch.sort(key).indices
-        counts = torch.zeros(s.h * s.e, dtype=torch.int32, device="cuda").scatter_add_(
-            0, key, torch.ones_like(key, dtype=torch.int32))
+        counts = torch.bincount(key, minlength=s.h * s.e).to(torch.int32)
         return order, torch.cumsum(counts, 0, dtype=torch.int32), g.flatten()[order]
 
     def v(x=x):
         order, offs, gate = groups(p["idx_v"], g_v)
         y = torch._grouped_mm(x[order // (s.h * s.k)], w_v, offs=offs) * gate.unsqueeze(1).to(x.dtype)
-        slot = order % (s.h * s.k) // s.k  # head of each assignment
-        out = torch.zeros(t * s.h, dh_p, device="cuda", dtype=x.dtype)
-        return out.index_add(0, order // (s.h * s.k) * s.h + slot, y).view(t, s.h, dh_p)
+        dest = order // (s.h * s.k) * s.h + order % (s.h * s.k) // s.k
+        return torch.zeros(n * s.h, s.dh, device=x.device, dtype=x.dtype).index_add(0, dest, y).view(n, s.h, s.dh)
 
-    def o(a=attn):
+    def o(a=p["attn"]):
         order, offs, gate = groups(p["idx_o"], g_o)
-        rows = a.reshape(t * s.h, dh_p)[order // s.k]
-        y = torch._grouped_mm(rows * gate.unsqueeze(1).to(a.dtype), w_o, offs=offs)
-        return torch.zeros(t, y.shape[1], device="cuda", dtype=a.dtype).index_add(0, order // (s.h * s.k), y)
+        y = torch._grouped_mm(a.reshape(n * s.h, s.dh)[order // s.k] * gate.unsqueeze(1).to(a.dtype), w_o, offs=offs)
+        return torch.zeros(n, s.d, device=a.device, dtype=a.dtype).index_add(0, order // (s.h * s.k), y)
 
-    def fwd_bwd():
-        out = o(v())[:, : s.d]
-        return torch.autograd.grad(out, [x, w_v, w_o, g_v, g_o], p["gy"])
-
-    return v, o, fwd_bwd
+    return v, o, (lambda: torch.autograd.grad(o(v()), [x, w_v, w_o, g_v, g_o], p["gy"]))
 
 
-def run(shapes: list[Shape], tokens: list[int]) -> tuple[list[Row], list[str]]:
-    rows, notes = [], []
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def auto_choice(s: Shape) -> str:
+    """What impl="auto" runs for V fwd / V bwd / O fwd / O bwd at this shape."""
+    def pick(op):
+        return choice.choose_impl(op, "auto", device_type="cuda", d=s.d, heads=s.h, experts=s.e, top_k=s.k,
+                                  head_dim=s.dh)
+    return "/".join(pick(op) for op in choice.OPS)
+
+
+def run_shape(s: Shape, n: int, device: str, compiled: dict[str, tuple], bench, with_grouped: bool) -> list[Row]:
+    p = problem(s, n, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    for name in TOKEN_INPUTS:
+        torch._dynamo.mark_dynamic(p[name], 0)
+    flops = 2 * n * s.h * s.k * s.d * s.dh
+    cands = {name: expert_fns(p, fns) for name, fns in compiled.items()}
+    cands["cublas"] = cublas(p, s)
+    if with_grouped and s.d % 8 == 0 and s.dh % 8 == 0:
+        cands["grouped"] = grouped(p, s)
+    # correctness of every expert variant's forward against fp64 (V and O)
+    d64 = {k: (t.double() if t.is_floating_point() else t) for k, t in p.items()}
+    want_v = reference.expert_v_reference(d64["x"], d64["w_v"], None, d64["idx_v"], d64["g_v"])
+    want_o = reference.expert_o_reference(d64["attn"], d64["w_o"], d64["idx_o"], d64["g_o"])
+    errors = {name: max(rel_err(fns[0]().detach().reshape(want_v.shape), want_v), rel_err(fns[1]().detach(), want_o))
+              for name, fns in cands.items() if name not in ("cublas",)}
+    rows = []
+    for i, (op, useful) in enumerate(zip(OPS, (flops, flops, 6 * flops))):
+        ms = {name: bench(fns[i]) for name, fns in cands.items()}
+        if "dense" not in ms and auto_choice(s).count("sparse") == 0:
+            ms["dense"] = ms["auto"]  # auto ran the dense formula everywhere: the same compiled program
+        rows.append(Row(s.name, n, op, auto_choice(s), ms, useful, errors))
+        print(f"{s.name} N={n} {op}: " + " ".join(f"{k}={v:.3f}" for k, v in ms.items()), flush=True)
+    return rows
+
+
+def routing_rows(shapes: list[Shape], n: int, device: str, bench) -> list[dict]:
+    """select_experts (compiled) vs torch.topk + sigmoid, [N, H, E] fp32 logits."""
+    out = []
     for s in shapes:
-        for t in tokens:
-            p = problem(s, t)
-            flops = 2 * t * s.h * s.k * s.d * s.dh
-            cands = {name: make(p, s) for name, make in (("ours", ours), ("cublas", cublas), ("dense", dense))}
-            try:
-                cands["grouped"] = grouped(p, s)
-                for f in cands["grouped"]:
-                    f()
-            except RuntimeError as err:
-                cands.pop("grouped", None)
-                notes.append(f"{s.name} T={t}: grouped_mm baseline failed: {str(err).splitlines()[0][:120]}")
-            want_v, want_o = (f().detach().float() for f in cands["ours"][:2])
-            for name in ("dense", "grouped"):
-                if name in cands:
-                    got_v = cands[name][0]().detach().float().reshape(t, s.h, -1)[..., : s.dh].reshape(t, -1)
-                    got_o = cands[name][1]().detach().float()[:, : s.d]
-                    err = max(((got_v - want_v).norm() / want_v.norm()).item(),
-                              ((got_o - want_o).norm() / want_o.norm()).item())
-                    if not err < 2e-2:
-                        notes.append(f"{s.name} T={t}: {name} baseline disagrees with ours (rel err {err:.1e})")
-            for i, (op, useful) in enumerate((("V fwd", flops), ("O fwd", flops), ("fwd+bwd", 6 * flops))):
-                ms = {name: bench(fns[i], f"{s.name} T={t} {op} {name}") for name, fns in cands.items()}
-                rows.append(Row(s.name, t, op, ms["ours"], useful / ms["ours"] * 1e-9, ms["cublas"],
-                                ms["dense"], ms.get("grouped")))
-            del p, cands
-            torch.cuda.empty_cache()
-    return rows, notes
-
-
-def sweep(shapes: list[Shape], t: int) -> list[str]:
-    """Kernel-only times (routing precomputed) of a few tile configs: which defaults to keep."""
-    lines = []
-    cfgs = [TileConfig(bm, bn, bk, w, st) for bm, bn, bk, w, st in (
-        (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 32, 4, 4),
-        (128, 64, 64, 4, 3), (64, 256, 32, 8, 3), (128, 256, 32, 8, 3), (64, 64, 32, 4, 4))]
-    for s in shapes:
-        p = problem(s, t)
-        r = route_triton.route(p["idx_v"], p["g_v"], s.e, head=True, sig=True)
-        table, bits, ho, so = r.table, r.bits, r.head_order, r.sig_order
-        flops = 2 * t * s.h * s.k * s.d * s.dh
-        for name, call in (
-            ("fan_out V", lambda c: fan_out(p["x"], p["w_v"], None, table, bits, ho, config=c)),
-            ("fan_in O", lambda c: fan_in(p["attn"], p["w_o"], table, bits, so, config=c)),
-        ):
-            res = []
-            for c in cfgs:
-                try:
-                    res.append((bench(lambda: call(c)), c))
-                except Exception as err:  # a config the compiler rejects (e.g. out of shared memory)
-                    lines.append(f"  {s.name} {name} {c}: {type(err).__name__}")
-            res.sort(key=lambda r: r[0])
-            for ms, c in res[:3]:
-                lines.append(f"sweep {s.name} T={t} {name}: {ms * 1e3:7.1f} us {flops / ms * 1e-9:6.0f} TFLOP/s "
-                             f"bm={c.block_m} bn={c.block_n} bk={c.block_k} w={c.num_warps} st={c.num_stages}")
-    return lines
-
-
-ROUTE_VARIANTS = {  # what each op's routing computes (triton_ops.py)
-    "V fwd": dict(head=True),
-    "O fwd": dict(sig=True),
-    "V bwd": dict(sig=True, groups=True),
-    "O bwd": dict(head=True, groups=True),
-}
-
-
-def breakdown(shapes: list[Shape], t: int) -> list[str]:
-    """Where forward+backward time goes: routing (old torch ops vs the Triton counting sort, per op) and
-    each kernel alone (routing precomputed), and forward+backward with either routing."""
-    lines = []
-    for s in shapes:
-        p = problem(s, t)
-        idx, g = p["idx_v"], p["g_v"]
-        old = route_triton.route_torch(idx, g, s.e, sig=True, head=True, groups=True)
-        new = route_triton.route(idx, g, s.e, sig=True, head=True, groups=True)
-        table, bits, ho = new.table, new.bits, new.head_order
-        gy_v = torch.randn(t, s.h, s.dh, device="cuda", dtype=p["x"].dtype)
-        x_heads = p["x"].unsqueeze(1).expand(t, s.h, s.d)
-        gy_heads = p["gy"].unsqueeze(1).expand(t, s.h, s.d)
-        flops = 2 * t * s.h * s.k * s.d * s.dh
-        parts = {
-            "torch gate_table+bits": (lambda: (routing.gate_table(idx, g, s.e), routing.expert_bits(idx)), 0),
-            "torch head_order": (lambda: routing.head_order(bits, s.e), 0),
-            "torch signature_order": (lambda: routing.signature_order(bits, s.e), 0),
-            "torch expert_groups": (lambda: routing.expert_groups(idx, g, s.e), 0),
-        }
-        for op, kw in ROUTE_VARIANTS.items():
-            parts[f"route {op}: torch"] = (lambda kw=kw: route_triton.route_torch(idx, g, s.e, **kw), 0)
-            parts[f"route {op}: triton"] = (lambda kw=kw: route_triton.route(idx, g, s.e, **kw), 0)
-        parts |= {
-            "fan_out V fwd": (lambda: fan_out(p["x"], p["w_v"], None, table, bits, ho), flops),
-            "fan_in O fwd (old sig)": (lambda: fan_in(p["attn"], p["w_o"], table, bits, old.sig_order), flops),
-            "fan_in O fwd (new sig)": (lambda: fan_in(p["attn"], p["w_o"], table, bits, new.sig_order), flops),
-            "fan_in V dX+dG": (lambda: fan_in(gy_v, p["w_v"].transpose(2, 3), table, bits, new.sig_order, p["x"]),
-                               flops),
-            "fan_out O dA+dG": (lambda: fan_out(p["gy"], p["w_o"].transpose(2, 3), None, table, bits, ho,
-                                                p["attn"]), flops),
-            "wgrad V dW": (lambda: expert_wgrad(x_heads, gy_v, *new.groups, s.e, False, torch.bfloat16), flops),
-            "wgrad O dW": (lambda: expert_wgrad(p["attn"], gy_heads, *new.groups, s.e, False, torch.bfloat16),
-                           flops),
-        }
-        fwd_bwd = ours(p, s)[2]
-        for name, (fn, f) in parts.items():
-            ms = bench(fn, f"breakdown {s.name} {name}")
-            rate = f" {f / ms * 1e-9:5.0f} TFLOP/s" if f else ""
-            lines.append(f"breakdown {s.name} T={t // 1024}k {name:24s} {ms * 1e3:7.1f} us{rate}")
-            print(lines[-1], flush=True)
-        for label, force in (("torch", True), ("triton", False)):
-            with torch_routing(force):
-                ms = bench(fwd_bwd, f"breakdown {s.name} fwd+bwd {label} routing")
-            lines.append(f"breakdown {s.name} T={t // 1024}k {'fwd+bwd, ' + label + ' routing':24s} {ms * 1e3:7.1f} us")
-            print(lines[-1], flush=True)
-        torch.cuda.empty_cache()
-    return lines
-
-
-@contextlib.contextmanager
-def torch_routing(force: bool):
-    """Route with the torch ops (force) or the Triton counting sort inside the block."""
-    before = os.environ.get(route_triton.TORCH_ROUTING_ENV)
-    os.environ[route_triton.TORCH_ROUTING_ENV] = "1" if force else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[route_triton.TORCH_ROUTING_ENV]
-        else:
-            os.environ[route_triton.TORCH_ROUTING_ENV] = before
+        logits = torch.randn(n, s.h, s.e, device=device)
+        fast = torch.compile(select_experts, dynamic=True)
+        ms_sel = bench(lambda: fast(logits, s.k))
+        ms_topk = bench(lambda: (lambda t: (t.indices, t.values.sigmoid()))(logits.topk(s.k, dim=-1)))
+        idx, gates = fast(logits, s.k)
+        same = bool(torch.equal(idx, torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., : s.k]))
+        out.append(dict(shape=s.name, tokens=n, select_ms=ms_sel, topk_ms=ms_topk, same_as_stable_sort=same))
+    return out
 
 
 def table(rows: list[Row]) -> str:
-    head = ("| shape | T | op | ours ms | TFLOP/s | % cuBLAS (target) | vs dense | vs grouped_mm |\n"
-            "|---|---|---|---|---|---|---|---|")
-    out = [head]
+    def pct(r, v):
+        return f"{100 * r.ms['cublas'] / r.ms[v]:.0f}%" if v in r.ms else "n/a"
+
+    lines = ["| shape | N | op | auto runs (V/dV/O/dO) | auto ms | x allE | dense x allE | sparse x allE | "
+             "sparse % cuBLAS (target) | auto % cuBLAS | x grouped |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        grouped = f"{r.grouped_ms / r.ours_ms:.2f}x" if r.grouped_ms else "n/a"
-        miss = "" if r.of_cublas >= TARGETS[r.op] else " MISS"
-        out.append(f"| {r.shape} | {r.tokens // 1024}k | {r.op} | {r.ours_ms:.3f} | {r.tflops:.0f} | "
-                   f"{100 * r.of_cublas:.0f}% ({100 * TARGETS[r.op]:.0f}%){miss} | {r.dense_ms / r.ours_ms:.2f}x | {grouped} |")
-    return "\n".join(out)
+        target = ""
+        if r.shape in SPARSE_TARGET_SHAPES and "sparse" in r.ms:
+            miss = r.ms["cublas"] / r.ms["sparse"] < SPARSE_TARGETS[r.op]
+            target = f" ({100 * SPARSE_TARGETS[r.op]:.0f}%{' MISS' if miss else ''})"
+        cells = [r.shape, f"{r.tokens // 1024}k", r.op, r.choice.replace("dense", "D").replace("sparse", "S"),
+                 f"{r.ms['auto']:.3f}", f"{r.ratio('allE'):.2f}x{'' if r.ratio('allE') >= 1 else ' MISS'}",
+                 f"{r.ms['allE'] / r.ms['dense']:.2f}x" if "dense" in r.ms else "n/a",
+                 f"{r.ms['allE'] / r.ms['sparse']:.2f}x" if "sparse" in r.ms else "n/a",
+                 pct(r, "sparse") + target, pct(r, "auto"),
+                 f"{r.ratio('grouped'):.2f}x" if "grouped" in r.ms else "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def main() -> None:
-    global REP_MS
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
-    ap.add_argument("--write", type=Path, help="write the table into this markdown file's '## Kernels' section")
-    ap.add_argument("--sweep", action="store_true", help="also time tile configs of the two forward kernels")
-    ap.add_argument("--breakdown", action="store_true", help="also time routing and each kernel alone")
-    ap.add_argument("--breakdown-tokens", type=int, default=16384, help="tokens of the --breakdown problems")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--shapes", nargs="+", choices=[s.name for s in SHAPES], help="only these shapes")
-    ap.add_argument("--rep", type=int, default=REP_MS, help="ms of measurement per timing")
-    args = ap.parse_args()
-    REP_MS = args.rep
+    ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke run: dense variants only)")
+    ap.add_argument("--rep", type=int, default=60, help="ms of measurement per timing")
+    ap.add_argument("--write", type=Path, help="write the table into this markdown file's '## Kernels' section")
+    ap.add_argument("--json", type=Path, help="write every timing here")
+    args = ap.parse_args(argv)
     torch.manual_seed(0)
-    dev = torch.cuda.get_device_name()
-    versions = f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}"
-    if args.sweep:
-        for line in sweep(SHAPES if not args.shapes else [s for s in SHAPES if s.name in args.shapes], 16384):
-            print(line, flush=True)
+    cuda = args.device == "cuda"
     shapes = [s for s in SHAPES if not args.shapes or s.name in args.shapes]
-    extra = breakdown(shapes, args.breakdown_tokens) if args.breakdown else []
-    rows, notes = run(shapes, args.tokens)
-    notes += NOTES
+    bench = timer(args.device, args.rep)
+    rows: list[Row] = []
+    for s in shapes:
+        # "dense" separately only where auto runs something else; no sparse kernels off CUDA
+        variants = [v for v in IMPL_VARIANTS if (v != "dense" or "sparse" in auto_choice(s)) and (cuda or v != "sparse")]
+        compiled = {v: compiled_layer(s, *ours(v)) for v in variants} | {"allE": compiled_layer(s, *all_experts())}
+        for n in args.tokens:
+            rows += run_shape(s, n, args.device, compiled, bench, with_grouped=cuda)
+            if cuda:
+                torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    sel = routing_rows(shapes, min(args.tokens), args.device, bench)
+    dev = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
+    import triton
+
+    versions = f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}"
+    worst = max(max(r.max_rel_err.values()) for r in rows)
+    op_ms = {(r.shape, r.tokens, r.op): r.ms["auto"] for r in rows}
+    sel_lines = [f"| {x['shape']} | {x['tokens'] // 1024}k | {1e3 * x['select_ms']:.1f} | {1e3 * x['topk_ms']:.1f} | "
+                 f"{100 * x['select_ms'] / op_ms[(x['shape'], x['tokens'], 'V fwd')]:.1f}% / "
+                 f"{100 * x['select_ms'] / op_ms[(x['shape'], x['tokens'], 'O fwd')]:.1f}% | "
+                 f"{'yes' if x['same_as_stable_sort'] else 'NO'} |" for x in sel]
     body = "\n".join([
-        f"Device: {dev}; {versions}; bf16, random routing, CUDA-graph replay medians.",
+        f"Device: {dev}; {versions}; bf16, random routing, torch.compile (dynamic tokens) for every expert variant, "
+        "CUDA-graph replay medians, one run.",
         f"Command: `PYTHONPATH=. python benchmarks/bench_kernels.py --tokens {' '.join(map(str, args.tokens))}"
-        f"{' --shapes ' + ' '.join(args.shapes) if args.shapes else ''}"
-        f"{' --write ' + str(args.write) if args.write else ''}"
-        f"{' --breakdown --breakdown-tokens ' + str(args.breakdown_tokens) if extra else ''}"
-        f"{' --rep ' + str(args.rep) if args.rep != 60 else ''}`",
-        "% cuBLAS = time of a FLOP-matched cuBLAS GEMM / our time; vs dense / vs grouped_mm = their time / ours.",
-        "", table(rows), "", *[f"- {n}" for n in notes],
-        *(["", f"Time per part at {args.breakdown_tokens // 1024}k tokens (routing precomputed for the kernels; "
-            "'route <op>' = all the routing one op call computes, old torch ops vs the Triton counting sort):",
-            "", "```", *extra, "```"] if extra else []),
+        f"{' --shapes ' + ' '.join(repr(s) for s in args.shapes) if args.shapes else ''}"
+        f"{' --write ' + str(args.write) if args.write else ''}`",
+        "x allE = time of the compiled all-experts formula / ours (above 1: ours faster; target >= 1.00 on every "
+        "row); % cuBLAS = FLOP-matched cuBLAS time / that variant's time; auto runs: D = dense formula, S = "
+        "sparse Triton kernels, for V fwd / V bwd / O fwd / O bwd.",
+        f"Largest error of any variant's V/O forward against fp64, over all rows: {worst:.1e} (bf16).",
+        "", table(rows), "",
+        "Router selection (select_experts compiled, one kernel) against torch.topk + sigmoid, fp32 logits "
+        "[N, H, E]; share = selection / auto op time (V fwd / O fwd):", "",
+        "| shape | N | select us | topk us | share of op | = stable sort |", "|---|---|---|---|---|---|", *sel_lines,
     ])
     if args.write:
         write_section(args.write, "Kernels", body)
+    if args.json:
+        args.json.write_text(json.dumps(dict(device=dev, versions=versions, rows=[asdict(r) for r in rows],
+                                             routing=sel), indent=1))
     print(body)
+    return dict(rows=rows, routing=sel)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import math
 import re
 from typing import Any, Literal
 
+from switchhead.kernels.choice import IMPLS as EXPERT_IMPLS
+
 INIT_METHODS = ("upcycle", "random", "fold")
 FOLD_QK = ("mean", "first")
 DEFAULT_NUM_EXPERTS = 4
@@ -48,6 +50,9 @@ class SwitchHeadConfig:
         upcycle_router_scale: standard deviation of the upcycled routers' logits on the example
             inputs. Small enough that gates stay equal to float rounding (exact function), non-zero
             so that tokens pick different experts and the identical experts diverge in training.
+        expert_impl: how the expert ops compute on CUDA: "auto" (the faster of the two for the op and
+            shape, by the measured rule in kernels/choice.py), "dense" (all experts through one GEMM,
+            gated) or "sparse" (the routed Triton kernels). The CPU always computes densely.
         verify: compare converted and original outputs on the example inputs (upcycle only).
         verify_rtol: the largest relative error (max |a-b| / max |a|) that verification accepts;
             None: 1e-5, or twice the rounding error of the model's outputs when they are fp16/bf16.
@@ -65,6 +70,7 @@ class SwitchHeadConfig:
     module_filter: str | None = None
     init_scale: float | None = None
     upcycle_router_scale: float = 1e-6
+    expert_impl: Literal["auto", "dense", "sparse"] = "auto"
     verify: bool = True
     verify_rtol: float | None = None
     seed: int | None = 0
@@ -100,6 +106,8 @@ class SwitchHeadConfig:
             raise ValueError(f"init_scale must be a positive number, got {self.init_scale!r}")
         if not (math.isfinite(self.upcycle_router_scale) and 0 < self.upcycle_router_scale <= 1e-3):
             raise ValueError(f"upcycle_router_scale must be in (0, 1e-3], got {self.upcycle_router_scale!r}")
+        if self.expert_impl not in EXPERT_IMPLS:
+            raise ValueError(f"expert_impl must be one of {', '.join(EXPERT_IMPLS)}, got {self.expert_impl!r}")
         if self.verify_rtol is not None and not (math.isfinite(self.verify_rtol) and self.verify_rtol > 0):
             raise ValueError(f"verify_rtol must be a positive number, got {self.verify_rtol!r}")
         if self.version != CONFIG_VERSION:

@@ -45,18 +45,23 @@ def _expert_o(attn: FLOAT, weight: FLOAT, expert_index: INT64, gates: FLOAT) -> 
     return _opset.ExpertO(attn, weight, expert_index, gates)
 
 
-def _translate_expert_v(x, weight, bias, expert_index, gates):
-    """The exporter takes one callable per op: pick the op type by whether the bias is present."""
+def _translate_expert_v(x, weight, bias, expert_index, gates, impl="auto"):
+    """The exporter takes one callable per op: pick the op type by whether the bias is present. `impl`
+    (which PyTorch implementation runs) does not change the function, so ONNX does not carry it."""
     if bias is None:
         return _expert_v(x, weight, expert_index, gates)
     return _expert_v_bias(x, weight, bias, expert_index, gates)
+
+
+def _translate_expert_o(attn, weight, expert_index, gates, impl="auto"):
+    return _expert_o(attn, weight, expert_index, gates)
 
 
 def translation_table() -> dict:
     """`custom_translation_table` for torch.onnx.export(dynamo=True)."""
     return {
         torch.ops.switchhead.expert_v.default: _translate_expert_v,
-        torch.ops.switchhead.expert_o.default: _expert_o,
+        torch.ops.switchhead.expert_o.default: _translate_expert_o,
     }
 
 

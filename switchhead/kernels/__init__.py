@@ -6,9 +6,7 @@ where Triton is installed, their Triton implementations for CUDA (triton_ops.py)
 
 import importlib.util
 
-from switchhead.kernels.ops import checked_expert_o, checked_expert_v
+from switchhead.kernels import ops  # noqa: F401  (registers the ops)
 
 if importlib.util.find_spec("triton") is not None:
     from switchhead.kernels import triton_ops  # noqa: F401  (registers the CUDA path)
-
-__all__ = ["checked_expert_v", "checked_expert_o"]

@@ -12,11 +12,13 @@ whose body is device routing (route_triton.route: three Triton launches, no host
     expert_o_backward  fan_out(dY, W_O^T) -> dattn, dG (attn row dots) ; wgrad(attn, dY) -> dW_O
 
 Dispatch under the stable names (`switchhead::expert_v` etc., defined in ops.py with the reference
-as their kernel for every device):
-- eager on CUDA: a CUDA kernel registration calls the triton_op, which launches the kernels directly;
+as their kernel for every device). On CUDA each call first picks its implementation (choice.py: the
+op's `impl` argument, "auto" by a per-shape rule): the dense all-experts formula (reference.py's aten
+ops) or the sparse triton_op below.
+- eager on CUDA: a CUDA kernel registration runs the chosen one (the triton_op launches its kernels);
 - torch.compile on CUDA: a FunctionalTensorMode rule (the mechanism triton_op itself uses) rewrites
-  the stable op into the triton_op while AOTAutograd functionalises, and the triton_op decomposes into
-  its kernels, so Inductor sees and schedules the Triton kernels;
+  the stable op into the chosen one while AOTAutograd functionalises: the dense formula's aten ops,
+  which Inductor fuses around the GEMM, or the triton_op's kernels, which Inductor schedules;
 - torch.export, and everything on CPU: the rule steps aside and the stable op stays one opaque node,
   run by the reference kernel (a triton_op traced on CPU would fail: ../shared/docs/facts.md).
 """
@@ -27,7 +29,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
-from switchhead.kernels import ops, routing
+from switchhead.kernels import choice, ops, reference, routing
 from switchhead.kernels.route_triton import route
 from switchhead.kernels.fan_in import fan_in
 from switchhead.kernels.fan_out import fan_out
@@ -108,8 +110,40 @@ def _on_cuda(args: tuple) -> bool:
     return any(isinstance(a, Tensor) and a.is_cuda for a in args)
 
 
-def _triton_when_compiling(triton_impl):
-    """FunctionalTensorMode rule: CUDA inputs outside torch.export decompose into `triton_impl`."""
+def _choose(op: str, impl: str, weight: Tensor, expert_index: Tensor, v_layout: bool) -> str:
+    h, e, a, b = (int(s) for s in weight.shape)  # V: [H, E, d, dh]; O: [H, E, dh, d_out]
+    d, dh = (a, b) if v_layout else (b, a)
+    return choice.choose_impl(op, impl, device_type=weight.device.type, d=d, heads=h, experts=e,
+                              top_k=int(expert_index.shape[2]), head_dim=dh)
+
+
+def _v(x, weight, bias, expert_index, gates, impl="auto"):
+    if _choose("expert_v", impl, weight, expert_index, True) == "sparse":
+        return expert_v_triton(x, weight, bias, expert_index, gates)
+    return reference.expert_v_reference(x, weight, bias, expert_index, gates)
+
+
+def _v_backward(grad_out, x, weight, bias, expert_index, gates, impl="auto"):
+    if _choose("expert_v_backward", impl, weight, expert_index, True) == "sparse":
+        return expert_v_backward_triton(grad_out, x, weight, bias, expert_index, gates)
+    return ops.expert_v_backward_dense(grad_out, x, weight, bias, expert_index, gates)
+
+
+def _o(attn, weight, expert_index, gates, impl="auto"):
+    if _choose("expert_o", impl, weight, expert_index, False) == "sparse":
+        return expert_o_triton(attn, weight, expert_index, gates)
+    return reference.expert_o_reference(attn, weight, expert_index, gates)
+
+
+def _o_backward(grad_out, attn, weight, expert_index, gates, impl="auto"):
+    if _choose("expert_o_backward", impl, weight, expert_index, False) == "sparse":
+        return expert_o_backward_triton(grad_out, attn, weight, expert_index, gates)
+    return reference.expert_o_backward_reference(grad_out, attn, weight, expert_index, gates)
+
+
+def _when_compiling(cuda_impl):
+    """FunctionalTensorMode rule: CUDA inputs outside torch.export decompose into `cuda_impl` (the
+    dense formula's aten ops, which Inductor fuses, or the triton_op's kernels)."""
 
     def rule(mode, op, types, args, kwargs):
         from torch.export._trace import custom_triton_ops_decomposition_disabled
@@ -117,20 +151,17 @@ def _triton_when_compiling(triton_impl):
         if custom_triton_ops_decomposition_disabled() or not _on_cuda(args):
             return mode.__torch_dispatch__(op, types, args, kwargs)
         with mode:
-            return triton_impl(*args, **kwargs)
+            return cuda_impl(*args, **kwargs)
 
     return rule
 
 
 def _register() -> None:
-    for stable, triton_impl in (
-        (ops.expert_v, expert_v_triton),
-        (ops.expert_v_backward, expert_v_backward_triton),
-        (ops.expert_o, expert_o_triton),
-        (ops.expert_o_backward, expert_o_backward_triton),
+    for stable, cuda_impl in (
+        (ops.expert_v, _v), (ops.expert_v_backward, _v_backward), (ops.expert_o, _o), (ops.expert_o_backward, _o_backward),
     ):
-        stable.register_kernel("cuda")(triton_impl)
-        stable.register_torch_dispatch(FunctionalTensorMode, _triton_when_compiling(triton_impl))
+        stable.register_kernel("cuda")(cuda_impl)
+        stable.register_torch_dispatch(FunctionalTensorMode, _when_compiling(cuda_impl))
 
 
 _register()

@@ -240,3 +240,18 @@ def test_inline_batch_one_export(tmp_path):
 
     _assert_verified(result)
     assert not any(n.op_type == "CastLike" for n in onnx.load(result.path).graph.node), "no-op casts left"
+
+
+def test_a_forced_expert_impl_exports_the_same_custom_ops(tmp_path):
+    """`expert_impl` reaches the graph's expert ops and changes nothing in ONNX."""
+    case = ZOO_BY_NAME["hf_llama_gqa"]
+    torch.manual_seed(0)
+    model = case.build()
+    config = switchhead.SwitchHeadConfig(expert_impl="sparse")
+    module = switchhead.convert(model, *case.example_inputs(), config=config)
+    experts = [n for n in module.graph.nodes if n.target in (torch.ops.switchhead.expert_v.default,
+                                                            torch.ops.switchhead.expert_o.default)]
+    assert experts and all(n.args[-1] == "sparse" for n in experts)
+    result = export_onnx(module, tmp_path / "model.onnx", *case.example_inputs())
+    assert result.custom_nodes.get(onnx_ops.EXPERT_O) == case.sites
+    _assert_verified(result)

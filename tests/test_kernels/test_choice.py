@@ -1,0 +1,64 @@
+"""Which implementation the expert ops pick (kernels/choice.py), and the `impl` argument of the ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import switchhead
+from switchhead.kernels import choice, reference
+from switchhead.kernels.routing import MAX_EXPERTS
+
+from ._cases import Shape, make_problem
+
+# (d, H, E, k, dh) of the paper's and the fold shapes of BENCHMARKS.md "Kernels"
+PAPER = {"262M": (1024, 4, 4, 2, 112), "262M-Wt103": (1024, 2, 8, 4, 132), "47M": (412, 2, 5, 3, 76),
+         "SmolLM2 fold": (576, 3, 3, 2, 64), "Llama-1B fold": (2048, 8, 4, 2, 64)}
+
+
+def pick(op: str, shape: tuple[int, ...], impl: str = "auto", device_type: str = "cuda") -> str:
+    d, h, e, k, dh = shape
+    return choice.choose_impl(op, impl, device_type=device_type, d=d, heads=h, experts=e, top_k=k, head_dim=dh)
+
+
+def test_auto_follows_the_measured_rule() -> None:
+    # sparse only for the V forward of a wide model with power-of-two-friendly heads
+    assert pick("expert_v", PAPER["Llama-1B fold"]) == "sparse"
+    for name, shape in PAPER.items():
+        for op in choice.OPS:
+            if (name, op) != ("Llama-1B fold", "expert_v"):
+                assert pick(op, shape) == "dense", (name, op)
+    assert pick("expert_v", (4096, 8, 4, 4, 64)) == "dense"  # k = E: nothing to skip
+
+
+def test_cpu_and_many_experts_are_always_dense() -> None:
+    for impl in choice.IMPLS:
+        assert pick("expert_v", PAPER["Llama-1B fold"], impl, device_type="cpu") == "dense"
+    assert pick("expert_o", (1024, 2, MAX_EXPERTS + 1, 2, 64), "sparse") == "dense"
+
+
+def test_an_explicit_choice_wins_on_cuda() -> None:
+    assert pick("expert_o", PAPER["262M"], "sparse") == "sparse"
+    assert pick("expert_v", PAPER["Llama-1B fold"], "dense") == "dense"
+
+
+def test_unknown_impl_is_refused_by_the_op_and_the_config() -> None:
+    p = make_problem(Shape(7, 8, 2, 3, 2, 4, 8), torch.float32, seed=0)
+    with pytest.raises(ValueError, match="impl must be one of auto, dense, sparse"):
+        torch.ops.switchhead.expert_o(p.attn, p.w_o, p.expert_index, p.gates, "fast")
+    with pytest.raises(ValueError, match="expert_impl must be one of auto, dense, sparse"):
+        switchhead.SwitchHeadConfig(expert_impl="fast")
+
+
+@pytest.mark.parametrize("impl", choice.IMPLS)
+def test_every_impl_computes_the_reference_on_cpu_with_gradients(impl: str) -> None:
+    p = make_problem(Shape(29, 16, 3, 4, 2, 8, 12), torch.float64, seed=1)
+    leaves = [p.x.requires_grad_(), p.w_v.requires_grad_(), p.gates.requires_grad_()]
+    v = torch.ops.switchhead.expert_v(p.x, p.w_v, None, p.expert_index, p.gates, impl)
+    torch.testing.assert_close(v, reference.expert_v_reference(p.x, p.w_v, None, p.expert_index, p.gates))
+    grads = torch.autograd.grad(v, leaves, p.grad_v)
+    ref = reference.expert_v_backward_reference(p.grad_v, p.x, p.w_v, None, p.expert_index, p.gates)
+    for got, want in zip(grads, (ref[0], ref[1], ref[3])):
+        torch.testing.assert_close(got, want)
+    o = torch.ops.switchhead.expert_o(p.attn, p.w_o, p.expert_index, p.gates, impl=impl)
+    torch.testing.assert_close(o, reference.expert_o_reference(p.attn, p.w_o, p.expert_index, p.gates))
