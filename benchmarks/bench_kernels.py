@@ -92,12 +92,17 @@ def timer(device: str, rep_ms: int) -> Callable[[Callable[[], object]], float]:
             return statistics.median(times) * 1e3
 
         return bench_cpu
-    from triton.testing import do_bench_cudagraph
+    from triton.testing import do_bench, do_bench_cudagraph
 
     def bench_cuda(fn):
         fn()
         torch.cuda.synchronize()
-        return do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+        try:
+            return do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+        except RuntimeError as err:  # not capturable: plain launches, said in the output
+            print(f"not capturable, timed with do_bench: {str(err).splitlines()[0][:120]}", flush=True)
+            torch.cuda.synchronize()
+            return do_bench(fn, rep=rep_ms, return_mode="median")
 
     return bench_cuda
 
@@ -184,7 +189,8 @@ def grouped(p, s: Shape) -> tuple[Callable, ...]:
     def groups(idx, g):
         key = (torch.arange(s.h, device=idx.device).view(1, s.h, 1) * s.e + idx).flatten()
         order = torch.sort(key).indices
-        counts = torch.bincount(key, minlength=s.h * s.e).to(torch.int32)
+        counts = torch.zeros(s.h * s.e, dtype=torch.int32, device=idx.device).scatter_add_(
+            0, key, torch.ones_like(key, dtype=torch.int32))  # bincount would sync
         return order, torch.cumsum(counts, 0, dtype=torch.int32), g.flatten()[order]
 
     def v(x=x):
@@ -299,6 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
             if cuda:
                 torch.cuda.empty_cache()
         torch._dynamo.reset()
+        if args.json:  # after every shape: a run cut short keeps what it measured
+            args.json.write_text(json.dumps(dict(rows=[asdict(r) for r in rows]), indent=1))
     sel = routing_rows(shapes, min(args.tokens), args.device, bench)
     dev = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
     import triton
