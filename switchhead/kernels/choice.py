@@ -10,11 +10,13 @@ Shape legend: d width, H heads, E experts per head, k active, dh head size.
 - "auto": the rule below, per op and shape. It uses no token count, so a graph compiled with a
   dynamic token dimension never recompiles on it.
 
-The rule comes from the H200 measurements in BENCHMARKS.md ("Kernels"): there the dense formula ran
-faster than the sparse kernels at every paper and fold shape, forward and backward, except V forward
-at the Llama-1B fold shape (d=2048, dh=64). So auto takes the sparse kernels only for the V forward
-with a wide input (d >= SPARSE_V_MIN_WIDTH) and a head size they tile without padding (a multiple of
-64), and the dense formula everywhere else.
+The rule is a table of measurements, not a model of the hardware: "auto" runs the sparse kernels only
+for an (op, d, H, E, k, dh) where they were measured faster than the dense formula on an H200 under
+torch.compile (BENCHMARKS.md "Kernels", benchmarks/bench_kernels.py, 2026-12-04), and the dense
+formula everywhere else. Unmeasured shapes get the dense formula, which is the compiled all-experts
+formula itself, so auto is never slower than it. On 2026-12-04 the sparse kernels won only the V
+forward at the 262M shape (1.12x / 1.08x of the dense formula at 16k / 64k tokens) and lost every
+backward, every O projection and the V forward at the other four shapes (0.46-0.94x there).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from switchhead.kernels.routing import MAX_EXPERTS
 
 IMPLS = ("auto", "dense", "sparse")
 OPS = ("expert_v", "expert_v_backward", "expert_o", "expert_o_backward")
-SPARSE_V_MIN_WIDTH = 2048
+# (op, d, H, E, k, dh) where the sparse kernels measured faster than the dense formula (bf16, H200)
+SPARSE_FASTER = frozenset({("expert_v", 1024, 4, 4, 2, 112)})
 
 
 def check_impl(impl: str) -> str:
@@ -40,6 +43,4 @@ def choose_impl(op: str, impl: str, *, device_type: str, d: int, heads: int, exp
         return "dense"  # the only implementation there
     if impl != "auto":
         return impl
-    if op == "expert_v" and d >= SPARSE_V_MIN_WIDTH and head_dim % 64 == 0 and top_k < experts:
-        return "sparse"
-    return "dense"
+    return "sparse" if (op, d, heads, experts, top_k, head_dim) in SPARSE_FASTER else "dense"

@@ -21,25 +21,25 @@ def pick(op: str, shape: tuple[int, ...], impl: str = "auto", device_type: str =
     return choice.choose_impl(op, impl, device_type=device_type, d=d, heads=h, experts=e, top_k=k, head_dim=dh)
 
 
-def test_auto_follows_the_measured_rule() -> None:
-    # sparse only for the V forward of a wide model with power-of-two-friendly heads
-    assert pick("expert_v", PAPER["Llama-1B fold"]) == "sparse"
+def test_auto_follows_the_measured_table() -> None:
+    # sparse only where measured faster: the V forward at the 262M shape
+    assert pick("expert_v", PAPER["262M"]) == "sparse"
     for name, shape in PAPER.items():
         for op in choice.OPS:
-            if (name, op) != ("Llama-1B fold", "expert_v"):
+            if (name, op) != ("262M", "expert_v"):
                 assert pick(op, shape) == "dense", (name, op)
-    assert pick("expert_v", (4096, 8, 4, 4, 64)) == "dense"  # k = E: nothing to skip
+    assert pick("expert_v", (1024, 4, 8, 2, 112)) == "dense"  # an unmeasured shape: the dense formula
 
 
 def test_cpu_and_many_experts_are_always_dense() -> None:
     for impl in choice.IMPLS:
-        assert pick("expert_v", PAPER["Llama-1B fold"], impl, device_type="cpu") == "dense"
+        assert pick("expert_v", PAPER["262M"], impl, device_type="cpu") == "dense"
     assert pick("expert_o", (1024, 2, MAX_EXPERTS + 1, 2, 64), "sparse") == "dense"
 
 
 def test_an_explicit_choice_wins_on_cuda() -> None:
     assert pick("expert_o", PAPER["262M"], "sparse") == "sparse"
-    assert pick("expert_v", PAPER["Llama-1B fold"], "dense") == "dense"
+    assert pick("expert_v", PAPER["262M"], "dense") == "dense"
 
 
 def test_unknown_impl_is_refused_by_the_op_and_the_config() -> None:
