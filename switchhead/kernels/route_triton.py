@@ -44,7 +44,6 @@ E > MAX_COUNTING_EXPERTS (2^E head keys) falls back to the torch-op routing of r
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -58,14 +57,6 @@ from switchhead.kernels import routing
 MAX_COUNTING_EXPERTS = 8  # 2^8 = 256 head-order keys per head
 SIG_KEYS = 1024  # bound on the signature key space (per-block histograms of this many bins)
 MIN_BLOCK = 32
-# SWITCHHEAD_TORCH_ROUTING=1 routes with routing.py's torch ops instead: the benchmark's old-vs-new
-# comparison, and a way around the Triton routing should it ever fail on a machine. Read at each call
-# (a traced graph keeps what it saw), so nothing is decided at import.
-TORCH_ROUTING_ENV = "SWITCHHEAD_TORCH_ROUTING"
-
-
-def torch_routing_forced() -> bool:
-    return os.environ.get(TORCH_ROUTING_ENV) == "1"
 
 
 @dataclass(frozen=True)
@@ -298,8 +289,7 @@ def route_torch(
     expert_index: Tensor, gates: Tensor, num_experts: int, *, table: bool = True, head: bool = False,
     sig: bool = False, groups: bool = False,
 ) -> Routing:
-    """The same fields from routing.py's torch ops (sorts by torch.sort): the fallback for E > 8 and
-    the reference the benchmark compares against."""
+    """The same fields from routing.py's torch ops (sorts by torch.sort): the fallback for E > 8."""
     bits = routing.expert_bits(expert_index)
     out = Routing(bits=bits)
     if table:
@@ -318,7 +308,7 @@ def route(
     sig: bool = False, groups: bool = False, config: RouteConfig | None = None,
 ) -> Routing:
     """Routing of one op call in three Triton launches (module docstring); torch ops for E > 8."""
-    if torch_routing_forced() or num_experts > MAX_COUNTING_EXPERTS:
+    if num_experts > MAX_COUNTING_EXPERTS:
         return route_torch(expert_index, gates, num_experts, table=table, head=head, sig=sig, groups=groups)
     cfg = config or RouteConfig()
     n, h, k = expert_index.shape

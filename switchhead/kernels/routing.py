@@ -1,7 +1,7 @@
 """Token routing for the Triton expert kernels from fixed-shape torch ops: the reference and fallback.
 
 The ops route with route_triton.route (a counting sort in three Triton launches); these torch-op
-versions remain its fallback for E > 8 and the benchmark's old-vs-new comparison.
+versions remain its fallback for E > 8.
 
 Shape legend:
     N = tokens, H = heads, E = experts per head, k = active experts per head.

@@ -97,14 +97,15 @@ def test_compile_cpu_no_graph_breaks_matches_eager() -> None:
         assert rel_err(got, want) < 1e-6
 
 
-def test_environment_switch_routes_with_the_torch_ops(monkeypatch) -> None:
+def test_many_experts_route_with_the_torch_ops() -> None:
+    """E > MAX_COUNTING_EXPERTS: route() takes the torch-op routing (no Triton launch, so it runs here)."""
     from switchhead.kernels import route_triton
 
+    e = route_triton.MAX_COUNTING_EXPERTS + 1
     torch.manual_seed(0)
-    index = torch.rand(37, 3, 4).argsort(-1)[..., :2]
+    index = torch.rand(37, 3, e).argsort(-1)[..., :2]
     gates = torch.rand(37, 3, 2)
-    monkeypatch.setenv(route_triton.TORCH_ROUTING_ENV, "1")  # read per call: no Triton launch below
-    got = route_triton.route(index, gates, 4, head=True, sig=True, groups=True)
-    want = route_triton.route_torch(index, gates, 4, head=True, sig=True, groups=True)
+    got = route_triton.route(index, gates, e, head=True, sig=True, groups=True)
+    want = route_triton.route_torch(index, gates, e, head=True, sig=True, groups=True)
     for field in ("table", "bits", "head_order", "sig_order", "tokens", "sorted_gates", "offsets"):
         assert torch.equal(getattr(got, field), getattr(want, field)), field
