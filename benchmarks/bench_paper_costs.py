@@ -1,6 +1,6 @@
 """Question: does our cost accounting reproduce the SwitchHead paper's MACs and memory numbers?
 
-For each configuration of the paper (../shared/docs/switchhead.md), prints MACs per layer and
+For each configuration of the paper (Csordás et al., NeurIPS 2024, arXiv 2312.07987), prints MACs per layer and
 attention activation memory (floats) by the paper's formulas (`paper_macs`, `paper_memory`) next to
 the numbers the paper prints, and our component accounting (`attention_costs`: per-head routers,
 the same positional term for dense and SwitchHead) for comparison. T^2 terms in full, as the paper.

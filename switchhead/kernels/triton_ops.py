@@ -20,7 +20,7 @@ ops) or the sparse triton_op below.
   the stable op into the chosen one while AOTAutograd functionalises: the dense formula's aten ops,
   which Inductor fuses around the GEMM, or the triton_op's kernels, which Inductor schedules;
 - torch.export, and everything on CPU: the rule steps aside and the stable op stays one opaque node,
-  run by the reference kernel (a triton_op traced on CPU would fail: ../shared/docs/facts.md).
+  run by the reference kernel (a triton_op traced on CPU fails: Triton has no CPU backend).
 """
 
 from typing import Optional
