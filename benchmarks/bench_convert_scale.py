@@ -5,7 +5,7 @@ Builds a Llama-shaped model of about 1B parameters (Llama-3.2-1B geometry: d=204
 wall-clock time per phase and peak resident memory relative to the model's own size.
 Target (issue 2): at most 60 s and at most 2.5x the model's size on a 2-core CPU.
 
-    python benchmarks/bench_convert_scale.py [--dtype float32|bfloat16] [--write]
+    python -m benchmarks.bench_convert_scale [--dtype float32|bfloat16] [--write]
 """
 
 from __future__ import annotations
@@ -14,15 +14,13 @@ import argparse
 import os
 import platform
 import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import switchhead
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from markdown_section import write_section  # noqa: E402
+from benchmarks.common import write_section
 
 
 def build_llama_1b(dtype: torch.dtype) -> torch.nn.Module:
@@ -82,7 +80,7 @@ def main() -> None:
         ("verify max relative error", f"{report.verify_max_error:.2e}"),
     ]
     header = (f"machine: {platform.machine()}, {os.cpu_count()} CPU cores; torch {torch.__version__}; "
-              f"command: python benchmarks/bench_convert_scale.py --dtype {options.dtype}")
+              f"command: python -m benchmarks.bench_convert_scale --dtype {options.dtype}")
     table = "\n".join(["| measure | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows])
     print(header)
     print(table)

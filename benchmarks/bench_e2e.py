@@ -31,9 +31,9 @@ lengths 8192, 2048, 512, then attention layer, training step, prefill.
   host     (CUDA, every timed measure) host time to issue one step without synchronising: near the
            CUDA-event time, the step is launch-bound
 
-    PYTHONPATH=. python benchmarks/bench_e2e.py --out OUT [--write BENCHMARKS.md] [--profile]
-    PYTHONPATH=. python benchmarks/bench_e2e.py --device cpu --tiny --out /tmp/e2e     # smoke test
-    PYTHONPATH=. python benchmarks/bench_e2e.py --from-json OUT/e2e.json --write BENCHMARKS.md --plot docs
+    python -m benchmarks.bench_e2e --out OUT [--write BENCHMARKS.md] [--profile]
+    python -m benchmarks.bench_e2e --device cpu --tiny --out /tmp/e2e     # smoke test
+    python -m benchmarks.bench_e2e --from-json OUT/e2e.json --write BENCHMARKS.md --plot docs
 """
 
 from __future__ import annotations
@@ -55,10 +55,9 @@ from collections.abc import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from markdown_section import write_section  # noqa: E402
-import e2e_models as em
-from compile_probe import triton_analysis_probe
+from benchmarks.common import write_section
+from benchmarks import e2e_models as em
+from benchmarks.compile_probe import triton_analysis_probe
 
 import switchhead
 from switchhead import accounting
@@ -711,7 +710,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{m['tokens_per_step']} tokens per step (B = tokens // T); medians of {m['iters']} "
         f"{'CUDA-event-timed' if m['device'].startswith('cuda') else 'wall-clock'} steps after {m['warmup']} "
         f"warm-up steps; run {m['date_utc']}" + (f", {m['wall_s']:.0f} s in all." if 'wall_s' in m else "."),
-        f"Command: `PYTHONPATH=. python benchmarks/bench_e2e.py {m['argv']}`",
+        f"Command: `python -m benchmarks.bench_e2e {m['argv']}`",
         "",
     ]
     for name, info in results["pairs"].items():

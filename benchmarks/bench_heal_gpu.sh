@@ -48,7 +48,7 @@ case "$stage" in
   minilm)
     probe
     test -f .gpu/minilm/model.safetensors || { echo "no .gpu/minilm (carry it)"; exit 3; }
-    python3 benchmarks/bench_heal.py --models minilm --device cuda --minilm-dir .gpu/minilm \
+    python3 -m benchmarks.bench_heal --models minilm --device cuda --minilm-dir .gpu/minilm \
       --minutes "minilm=${MINILM_MIN:-1.75}" --deadline-minutes "${DEADLINE:-5}" --onnx minilm \
       --out "$OUT" ${EXTRA:-} 2>&1 | tee "$OUT/bench_minilm.log"
     ;;
@@ -60,7 +60,7 @@ case "$stage" in
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .gpu/whl/*.whl || exit 3
     probe
     tok=(); test -f .gpu/smollm2_tokenizer/tokenizer.json && tok=(--smollm2-tokenizer .gpu/smollm2_tokenizer)
-    python3 benchmarks/bench_heal.py --models smollm2 --device cuda --gguf "$gguf" "${tok[@]}" \
+    python3 -m benchmarks.bench_heal --models smollm2 --device cuda --gguf "$gguf" "${tok[@]}" \
       --minutes "smollm2=${SMOL_MIN:-3}" --deadline-minutes "${DEADLINE:-8.5}" --onnx smollm2 \
       --out "$OUT" ${EXTRA:-} 2>&1 | tee "$OUT/bench_smollm2.log"
     ;;

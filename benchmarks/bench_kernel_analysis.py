@@ -9,7 +9,7 @@ backward of V and O, without bias as in the paper), runs torch's analysis on eac
 --repeats), and prints per launch: seconds, the tensors torch believes written, and which of those
 are inputs of the op (each one a copy). No GPU is needed: the analysis targets Hopper without one.
 
-    python benchmarks/bench_kernel_analysis.py [--tokens 4096] [--write BENCHMARKS.md] [--out DIR]
+    python -m benchmarks.bench_kernel_analysis [--tokens 4096] [--write BENCHMARKS.md] [--out DIR]
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_launches import analysed_writes, recorded_launches  # noqa: E402
-from markdown_section import write_section  # noqa: E402
+from benchmarks.kernel_launches import analysed_writes, recorded_launches
+from benchmarks.common import write_section
 
 from switchhead.kernels import triton_ops  # noqa: E402
 
@@ -70,7 +68,7 @@ def measure(tokens: int, repeats: int) -> list[dict]:
 
 
 def report(rows: list[dict], meta: dict) -> str:
-    command = f"python benchmarks/bench_kernel_analysis.py --tokens {meta['tokens']} --repeats {meta['repeats']}"
+    command = f"python -m benchmarks.bench_kernel_analysis --tokens {meta['tokens']} --repeats {meta['repeats']}"
     lines = [(f"Run {meta['date']} on {meta['machine']}: torch {meta['torch']}, triton {meta['triton']}, "
               f"{meta['tokens']} tokens, median of {meta['repeats']}; command `{command}`."),
              "",

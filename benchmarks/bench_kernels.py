@@ -15,7 +15,7 @@ Useful FLOPs: 2*N*H*k*d*dh per projection forward, 3x that per projection forwar
 Also: the routers' selection (select_experts, compiled, one kernel) against torch.topk, and its share
 of the op time.
 
-    PYTHONPATH=. python benchmarks/bench_kernels.py [--tokens 16384 65536] [--shapes 262M ...]
+    python -m benchmarks.bench_kernels [--tokens 16384 65536] [--shapes 262M ...]
         [--write BENCHMARKS.md] [--json PATH]
 """
 
@@ -31,13 +31,10 @@ from typing import Callable
 import torch
 
 import switchhead.kernels  # noqa: F401  (registers the ops)
-from switchhead.kernels import choice, reference, routing
+from switchhead.kernels import choice, reference
 from switchhead.kernels.select import select_experts
 
-try:
-    from markdown_section import write_section
-except ImportError:  # imported as benchmarks.bench_kernels
-    from benchmarks.markdown_section import write_section
+from benchmarks.common import write_section
 
 
 @dataclass(frozen=True)
@@ -321,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
     body = "\n".join([
         f"Device: {dev}; {versions}; bf16, random routing, torch.compile (dynamic tokens) for every expert variant, "
         "CUDA-graph replay medians, one run.",
-        f"Command: `PYTHONPATH=. python benchmarks/bench_kernels.py --tokens {' '.join(map(str, args.tokens))}"
+        f"Command: `python -m benchmarks.bench_kernels --tokens {' '.join(map(str, args.tokens))}"
         f"{' --shapes ' + ' '.join(repr(s) for s in args.shapes) if args.shapes else ''}"
         f"{' --write ' + str(args.write) if args.write else ''}`",
         "x allE = time of the compiled all-experts formula / ours (above 1: ours faster; target >= 1.00 on every "

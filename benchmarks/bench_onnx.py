@@ -20,9 +20,9 @@ hits all forms alike):
   cpu 1t   CPU time of one run with 1 intra-op thread (thread CPU time: robust to other load); median of
            the per-round medians.
 
-    python benchmarks/bench_onnx.py --out onnx.md            # the table into onnx.md, and printed
-    python benchmarks/bench_onnx.py --quick                   # smoke run: short sequences, few rounds
-    python benchmarks/bench_onnx.py --write BENCHMARKS.md     # replace its "## ONNX Runtime" section
+    python -m benchmarks.bench_onnx --out onnx.md            # the table into onnx.md, and printed
+    python -m benchmarks.bench_onnx --quick                   # smoke run: short sequences, few rounds
+    python -m benchmarks.bench_onnx --write BENCHMARKS.md     # replace its "## ONNX Runtime" section
 """
 
 from __future__ import annotations
@@ -38,11 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-try:
-    import switchhead
-except ImportError:  # run from a checkout that is not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import switchhead
+import switchhead
 
 import onnx
 import onnxruntime as ort
@@ -52,8 +48,7 @@ from onnx import helper
 from switchhead.config import INIT_METHODS
 from switchhead.exporters import onnx_ops
 from switchhead.exporters.onnx import export_onnx
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from markdown_section import write_section  # noqa: E402
+from benchmarks.common import write_section
 
 FOLD_HEADS = 2
 
@@ -293,7 +288,7 @@ def main() -> None:
     versions = (f"onnxruntime {ort.__version__}, onnx {onnx.__version__}, torch {torch.__version__}, "
                 f"python {platform.python_version()}")
     load = f"load average before/after: {_load_before}/{_load()}" if _load_before else ""
-    command = " ".join(["python benchmarks/bench_onnx.py", *sys.argv[1:]])
+    command = " ".join(["python -m benchmarks.bench_onnx", *sys.argv[1:]])
     body = "\n".join([
         f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, onnxruntime CPUExecutionProvider "
         f"({args.threads} intra-op threads, default graph optimisations); {versions}; batch 1, float32; "

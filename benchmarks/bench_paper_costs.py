@@ -5,19 +5,17 @@ attention activation memory (floats) by the paper's formulas (`paper_macs`, `pap
 the numbers the paper prints, and our component accounting (`attention_costs`: per-head routers,
 the same positional term for dense and SwitchHead) for comparison. T^2 terms in full, as the paper.
 
-    python benchmarks/bench_paper_costs.py [--write] [--output BENCHMARKS.md]
+    python -m benchmarks.bench_paper_costs [--write] [--output BENCHMARKS.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
 from switchhead.accounting import AttentionGeometry, attention_costs, format_count, paper_macs, paper_memory
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from markdown_section import write_section  # noqa: E402
+from benchmarks.common import write_section
 
 HEADING = "## Paper cost accounting"
 
@@ -112,7 +110,7 @@ def main() -> None:
     reproduced = sum(row[8] == "yes" for row in table)
     compared = sum(row[8] != "(not printed)" for row in table)
     body = "\n\n".join([
-        "command: python benchmarks/bench_paper_costs.py; per layer and sequence, T^2 terms in full.",
+        "command: python -m benchmarks.bench_paper_costs; per layer and sequence, T^2 terms in full.",
         markdown(table),
         f"Reproduced to the paper's printed precision: **{reproduced} of {compared}** printed (MACs, memory) pairs.",
         "The formula columns are the paper's formulas (`switchhead.accounting.paper_macs` / `paper_memory`). "

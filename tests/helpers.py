@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
-import sys
-from pathlib import Path
+import importlib
 from types import ModuleType
 
 import torch
@@ -37,16 +35,6 @@ def output_sum(output) -> torch.Tensor:
                if isinstance(leaf, torch.Tensor) and leaf.is_floating_point())
 
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
 def load_benchmark(name: str) -> ModuleType:
-    """benchmarks/<name>.py as a module (the folder is not a package); registered in sys.modules under
-    `name`, since dataclasses look their module up."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """benchmarks/<name>.py as the module benchmarks.<name> (pytest puts the repository root on the path)."""
+    return importlib.import_module(f"benchmarks.{name}")

@@ -3,7 +3,8 @@
 pytest (prepend import mode) puts `tests/` and every test folder without an `__init__.py` on sys.path,
 so a test module or folder there named like an installed distribution's top-level module wins over the
 real one: transformers 5.25 imports Hugging Face's `kernels`, and once found our old `tests/kernels`
-package instead, failing every Hugging Face test. This check names any such collision.
+package instead, failing every Hugging Face test. The repository root is on the path too (pyproject's
+`pythonpath`, for the `benchmarks` package). This check names any such collision.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+OWN = {"switchhead"}  # the package installed from this checkout
 
 
 def path_entries(root: Path = TESTS) -> list[Path]:
@@ -42,10 +45,19 @@ def installed_names() -> dict[str, str]:
     return names
 
 
-def collisions(root: Path = TESTS) -> list[str]:
+def root_names(repo: Path = ROOT) -> set[str]:
+    """What the repository root adds: its modules and regular packages (a folder without __init__.py is
+    a namespace portion, which never hides an installed package)."""
+    return ({p.stem for p in repo.glob("*.py")} | {p.name for p in repo.iterdir() if (p / "__init__.py").exists()}) - OWN
+
+
+def collisions(root: Path = TESTS, repo: Path | None = ROOT) -> list[str]:
     installed = installed_names()
-    return [f"{entry.relative_to(root.parent) / name} shadows '{name}' from {installed[name]}"
-            for entry in path_entries(root) for name in sorted(importable_names(entry)) if name in installed]
+    found = [(entry.relative_to(root.parent) / name, name)
+             for entry in path_entries(root) for name in sorted(importable_names(entry))]
+    if repo is not None:
+        found += [(Path(name), name) for name in sorted(root_names(repo))]
+    return [f"{path} shadows '{name}' from {installed[name]}" for path, name in found if name in installed]
 
 
 def test_no_test_module_or_folder_shadows_an_installed_package() -> None:
@@ -61,6 +73,9 @@ def test_the_check_sees_a_shadowing_folder(tmp_path: Path) -> None:
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "test_x.py").write_text("")
     (tmp_path / "json.py").write_text("")
-    found = collisions(tmp_path)
+    (tmp_path / "numpy").mkdir()
+    (tmp_path / "numpy" / "__init__.py").write_text("")
+    found = collisions(tmp_path, repo=tmp_path)
+    assert any("numpy" in line for line in found), found
     assert any("'torch'" in line for line in found) and any("'json'" in line for line in found), found
     assert not any("'plain'" in line or "'test_x'" in line for line in found), found
