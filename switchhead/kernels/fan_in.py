@@ -28,8 +28,7 @@ from switchhead.kernels.fan_out import TileConfig, dot_precision
 
 def fan_in_config(k_width: int, c_width: int) -> TileConfig:
     """Tiles for the H200 (bf16), from bench_kernels.py's tile sweep of 2026-11 (in git history):
-    64-row tiles keep
-    tiles coherent over all heads; 32-wide reduction chunks pad dh = 76 / 112 / 132 the least."""
+    64-row tiles keep tiles coherent over all heads; 32-wide reduction chunks pad dh = 76 / 112 / 132 the least."""
     block_n = 128 if c_width >= 128 else max(16, triton.next_power_of_2(c_width))
     return TileConfig(block_m=64, block_n=block_n, block_k=32, num_warps=4, num_stages=4)
 

@@ -39,8 +39,7 @@ class TileConfig:
 
 def fan_out_config(k_width: int, c_width: int) -> TileConfig:
     """Tiles for the H200 (bf16), from bench_kernels.py's tile sweep of 2026-11 (in git history):
-    128-row tiles; a head
-    of 65..128 columns in one 128-wide block, wider heads in 64-wide blocks (132 -> 3 x 64)."""
+    128-row tiles; a head of 65..128 columns in one 128-wide block, wider heads in 64-wide blocks (132 -> 3 x 64)."""
     if c_width <= 64:
         return TileConfig(block_m=128, block_n=max(16, triton.next_power_of_2(c_width)), block_k=64)
     if c_width <= 128:
