@@ -73,7 +73,7 @@ def test_first_call_note_lists_every_length():
     the H200 run of docs/e2e_h200_session5_47M.json compiled the SwitchHead prefill in 100 s at T=8192
     and took 4 s at T=2048."""
     bench = _load()
-    results = json.loads((Path(__file__).parents[2] / "docs" / "e2e_h200_session5_47M.json").read_text())
+    results = json.loads((Path(__file__).parents[2] / "benchmarks" / "results" / "e2e_h200_session5_47M.json").read_text())
     note = next(line for line in bench.markdown(results).splitlines() if line.startswith("- First calls"))
     assert "47M prefill switchhead T=8192 100 s (512 analyses, 59 s)" in note
     assert "47M prefill switchhead T=2048 4 s" in note
