@@ -70,7 +70,7 @@ def test_triton_analysis_probe_counts_analyses_and_restores_torch():
 
 def test_first_call_note_lists_every_length():
     """A recompile at a later length must not hide the first (longest) compile of the same measure:
-    the H200 run of docs/e2e_h200_session5_47M.json compiled the SwitchHead prefill in 100 s at T=8192
+    the H200 run of benchmarks/results/e2e_h200_session5_47M.json compiled the SwitchHead prefill in 100 s at T=8192
     and took 4 s at T=2048."""
     bench = _load()
     results = json.loads((Path(__file__).parents[2] / "benchmarks" / "results" / "e2e_h200_session5_47M.json").read_text())
