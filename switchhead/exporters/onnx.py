@@ -21,7 +21,7 @@ from torch.export import Dim
 from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
-from switchhead.capture import _hf_cache_disabled, _mha_fastpath_disabled, resolve_example_inputs
+from switchhead.capture import hf_cache_disabled, mha_fastpath_disabled, resolve_example_inputs
 from switchhead.errors import SwitchHeadError, VerificationError
 
 try:
@@ -147,7 +147,7 @@ def export_onnx(
 @contextlib.contextmanager
 def _export_mode(module: torch.nn.Module):
     """The capture settings of switchhead.convert (no HF KV cache, no fused MHA fast path)."""
-    with _hf_cache_disabled(module), _mha_fastpath_disabled(), torch.no_grad(), _quiet("onnxscript"):
+    with hf_cache_disabled(module), mha_fastpath_disabled(), torch.no_grad(), _quiet("onnxscript"):
         yield
 
 
