@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import operator
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
 from switchhead.errors import CaptureError, MissingInputsError
+from switchhead.graph.ops import CAST_OPS, LAYOUT_OPS, NOOP_OPS
 
 
 @dataclasses.dataclass
@@ -277,10 +279,64 @@ def _capture(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
         exported = export_dynamic(model, args, kwargs, dynamic_shapes)
     with torch.no_grad():  # on the inputs captured with (the widened ones)
         reference = model(*exported.args, **exported.kwargs)
-    captured = Captured(drop_metadata_asserts(exported.program.module()), exported.args, exported.kwargs,
+    module = inline_inert_autocast(drop_metadata_asserts(exported.program.module()))
+    captured = Captured(module, exported.args, exported.kwargs,
                         bool(exported.dynamic_dims), exported.static_reason, exported.dynamic_dims, exported.widened,
                         exported.not_widened)
     return captured, reference
+
+
+aten = torch.ops.aten
+# Ops that torch.autocast never recasts (no lower-precision or fp32 policy), so a region of them
+# computes the same with autocast on or off.
+_AUTOCAST_INERT = LAYOUT_OPS | CAST_OPS | NOOP_OPS | {
+    aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.mul.Tensor, aten.mul.Scalar,
+    aten.div.Tensor, aten.div.Scalar, aten.neg.default, aten.cos.default, aten.sin.default,
+    aten.cat.default, aten.stack.default, aten.arange.default, aten.arange.start, aten.arange.start_step,
+    aten.sym_size.int, operator.getitem, operator.neg, operator.add, operator.sub, operator.mul,
+    operator.floordiv,
+}
+
+
+def inline_inert_autocast(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Inline (in place) the `wrap_with_autocast` regions of `module` whose ops autocast leaves alone.
+
+    x-transformers disables autocast around its rotary embedding; torch.export writes that as a
+    region calling a submodule, which detection and index replay cannot look into (they saw the
+    key depend on the query's projection through the region's shared outputs). Such a region
+    computes the same with or without autocast, so its body can stand in the graph itself.
+    """
+    graph = module.graph
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.higher_order.wrap_with_autocast:
+            continue
+        body_node, operands = node.args[4], node.args[5:]
+        body = getattr(module, body_node.target) if isinstance(body_node, torch.fx.Node) else None
+        if not isinstance(body, torch.fx.GraphModule) or node.kwargs or any(
+                n.op in ("call_function", "call_method", "call_module", "get_attr") and n.target not in _AUTOCAST_INERT
+                for n in body.graph.nodes):
+            continue
+        if any(user.target is not operator.getitem for user in node.users):
+            continue
+        env: dict[torch.fx.Node, Any] = dict(zip([n for n in body.graph.nodes if n.op == "placeholder"], operands))
+        with graph.inserting_before(node):
+            for inner in body.graph.nodes:
+                if inner.op == "call_function":
+                    env[inner] = graph.node_copy(inner, lambda a: env[a])
+        results = next(n for n in body.graph.nodes if n.op == "output").args[0]
+        for user in list(node.users):
+            replacement = results[user.args[1]]
+            user.replace_all_uses_with(env[replacement] if isinstance(replacement, torch.fx.Node) else replacement)
+            graph.erase_node(user)
+        graph.erase_node(node)
+        if not body_node.users:
+            graph.erase_node(body_node)
+            delattr(module, body_node.target)
+        changed = True
+    if changed:
+        module.recompile()
+    return module
 
 
 def drop_metadata_asserts(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
