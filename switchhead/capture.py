@@ -19,6 +19,7 @@ import torch
 import torch.fx
 from torch.export import Dim
 from torch.fx import _pytree as fx_pytree
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from switchhead.errors import CaptureError, MissingInputsError
@@ -189,7 +190,7 @@ def _widened(model: torch.nn.Module, flat: list[Any], spec: Any, dims: list[list
              ) -> tuple[list[Any], tuple[str, ...], str | None]:
     """(`flat` with every size-1 dim in `dims` repeated to size 2, those dims, None) if the model
     runs on that; else the same with only the dim 0s widened (some size-1 dims broadcast, e.g. a
-    mask's head dim); else (`flat`, (), why the model refused)."""
+    mask's head dim) and why the model refused the rest; else (`flat`, (), why)."""
     labels = _labels(model, flat, spec)
     failure = None
     for only_first in (False, True):
@@ -206,7 +207,7 @@ def _widened(model: torch.nn.Module, flat: list[Any], spec: Any, dims: list[list
             failure = failure or f"the model fails with {', '.join(_describe(labels, picks))} widened to 2: " \
                 f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
             continue
-        return grown, tuple(f"{text}: 1 -> 2" for text in _describe(labels, picks)), None
+        return grown, tuple(f"{text}: 1 -> 2" for text in _describe(labels, picks)), failure
     return flat, (), failure
 
 
@@ -237,7 +238,7 @@ def program_dynamic_dims(program: torch.export.ExportedProgram) -> dict[str, lis
     for node in program.graph.nodes:
         value = node.meta.get("val")
         if node.op == "placeholder" and node.name in names and isinstance(value, torch.Tensor):
-            dims = [i for i, size in enumerate(value.shape) if not isinstance(size, int)]
+            dims = [i for i, size in enumerate(value.shape) if not is_concrete_int(size)]  # a SymInt can be fixed
             if dims:
                 found[node.name] = dims
     return found
