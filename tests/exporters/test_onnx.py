@@ -13,7 +13,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from helpers import converted  # noqa: E402 (after the importorskips)
-from zoo import ZOO, ZOO_BY_NAME
+from zoo import ZOO, ZOO_BY_NAME, zoo_params
 
 import switchhead
 from switchhead.config import INIT_METHODS
@@ -90,7 +90,7 @@ def _fold_heads(case) -> int:
 
 
 @pytest.mark.skipif("fold" not in INIT_METHODS, reason="head folding (issue 5) is not in this build")
-@pytest.mark.parametrize("case", ZOO, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", zoo_params(ZOO, "fold"))
 def test_folded_zoo_model_exports(case, tmp_path):
     """Fewer heads, experts folded from different dense heads (so a wrong expert choice or gate shows):
     every zoo model exports, checks and matches PyTorch on its example and its other shape."""
