@@ -116,8 +116,9 @@ def varying_dims(values: list[torch.Tensor]) -> list[list[int]]:
             dims.append(list(range(value.dim() - 1)))
         else:
             dims.append([0])
+    # size 1 included: a length-1 example's additive mask [B, 1, 1, 1] must widen with the sequence
     sequence_sizes = {v.shape[d] for v, ds in zip(values, dims) if v.dim() <= 3 or not v.is_floating_point()
-                      for d in ds if v.shape[d] > 1}
+                      for d in ds}
     for value, ds in zip(values, dims):
         if value.is_floating_point() and value.dim() >= 4:
             ds.extend(d for d in (value.dim() - 2, value.dim() - 1) if value.shape[d] in sequence_sizes)
@@ -192,12 +193,13 @@ def _widened(model: torch.nn.Module, flat: list[Any], spec: Any, dims: list[list
     runs on that; else the same with only the dim 0s widened (some size-1 dims broadcast, e.g. a
     mask's head dim) and why the model refused the rest; else (`flat`, (), why)."""
     labels = _labels(model, flat, spec)
-    failure = None
+    failure, tried = None, None
     for only_first in (False, True):
         picks = [[d for d in ds if value.shape[d] == 1 and (d == 0 or not only_first)] if ds is not None else []
                  for value, ds in zip(flat, dims)]
-        if not any(picks):
+        if not any(picks) or picks == tried:
             break
+        tried = picks
         grown = [_repeat(value, ds) for value, ds in zip(flat, picks)]
         args, kwargs = pytree.tree_unflatten(grown, spec)
         try:
