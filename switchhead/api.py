@@ -43,12 +43,14 @@ def analyze(
     *,
     filter_fn: FilterFn | None = None,
     module_filter: str | None = None,
+    dynamic_shapes: Any = None,
 ) -> Analysis:
-    """Capture `model` and find its attention; sites excluded by a filter are reported as skipped."""
+    """Capture `model` and find its attention; sites excluded by a filter are reported as skipped.
+    `dynamic_shapes` (torch.export's format) replaces the automatic dynamic batch / sequence dims."""
     args, kwargs = resolve_example_inputs(model, args, kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        captured, reference = capture(model, args, kwargs)
+        captured, reference = capture(model, args, kwargs, dynamic_shapes)
     values = record_values(captured)
     sites, skipped = detect_attention(captured.graph_module, values)
     kept = []
@@ -79,6 +81,7 @@ def convert(
     *,
     filter_fn: FilterFn | None = None,
     progress: Callable[[str], None] | None = None,
+    dynamic_shapes: Any = None,
 ) -> torch.fx.GraphModule:
     """Rewrite every multi-head attention of `model` into SwitchHead attention.
 
@@ -88,11 +91,15 @@ def convert(
     independently (distilling the original into the result, say). With init="upcycle" and config.verify, the result is checked against the
     original on the example inputs and a VerificationError is raised on mismatch. `progress` is
     called with the name of each step as it starts ("capture", "rewrite", "verify").
+    The batch and sequence dims of the inputs stay dynamic where the model allows it (a size-1
+    example dim is widened to 2 for the capture; the report names the dynamic dims exactly);
+    `dynamic_shapes` (torch.export's format) chooses them instead.
     """
     config = config or SwitchHeadConfig()
     step = progress or (lambda name: None)
     step("capture")
-    analysis = analyze(model, args, kwargs, filter_fn=filter_fn, module_filter=config.module_filter)
+    analysis = analyze(model, args, kwargs, filter_fn=filter_fn, module_filter=config.module_filter,
+                       dynamic_shapes=dynamic_shapes)
     if not analysis.sites:
         reasons = "; ".join(sorted({f"{s.path or '<root>'}: {s.reason}" for s in analysis.skipped})[:3])
         raise NoAttentionError(f"no attention to rewrite in {type(model).__name__}" + (f" (skipped: {reasons})" if reasons else ""))
@@ -108,13 +115,14 @@ def convert(
     exact = same_function and config.verify
     rtol = (config.verify_rtol if config.verify_rtol is not None else default_rtol(analysis.reference_output)) if exact else None
     error = _verify(gm, analysis, rtol, exact=exact)
-    notes = []
+    notes = [f"example dims kept at 1 (static): {analysis.captured.not_widened}"] if analysis.captured.not_widened else []
     if config.init == "fold" and not same_function:
         notes.append("init='fold' is lossy: the folded heads only approximate the dense model; heal it "
                      "(distillation from the original) before use")
     gm.meta[REPORT_KEY] = ConversionReport.build(
         analysis.sites, analysis.skipped, plans, config=config.to_dict(),
         dynamic_shapes=analysis.captured.dynamic, static_reason=analysis.captured.static_reason,
+        dynamic_dims=analysis.captured.dynamic_dims, widened=list(analysis.captured.widened),
         rewrites=2 * len(plans), verify_max_error=error, verify_rtol=rtol, parameters_before=parameters_before,
         parameters_after=sum(p.numel() for p in gm.parameters()), notes=notes,
     )

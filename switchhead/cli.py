@@ -349,6 +349,7 @@ def _dry_run(loaded, config, steps: Steps, out: Console | None) -> dict[str, Any
         raise _filter_error(config.module_filter, sites)
     return {"dry_run": True, "source": str(loaded.path), "sites": sites, "skipped": skipped,
             "selected": sorted(selected), "config": config.to_dict(), "dynamic_shapes": analysis.captured.dynamic,
+            "dynamic_dims": analysis.captured.dynamic_dims,
             "static_reason": analysis.captured.static_reason, "versions": versions(),
             "parameters_before": sum(p.numel() for p in loaded.model.parameters())}
 
@@ -491,8 +492,9 @@ def _print_summary(out: Console, result: dict[str, Any]) -> None:
             rows.append(("verified", f"max relative error {result['verify_max_error']:.2e} (limit {result['verify_rtol']:g})"))
         else:
             rows.append(("verified", f"outputs' structure and shapes only (init={config['init']} changes the function)"))
-    shapes = "dynamic (other batch / sequence sizes work)" if result["dynamic_shapes"] else \
-        f"static: {result['static_reason']}"
+    shapes = "dynamic: " + "; ".join(f"{name} dims {', '.join(map(str, dims))}"
+                                     for name, dims in result["dynamic_dims"].items()) \
+        + " (the other dims are fixed)" if result["dynamic_shapes"] else f"static: {result['static_reason']}"
     rows.append(("shapes", shapes))
     if not result["dry_run"]:
         rows.append(("saved", f"{result['output']} ({', '.join(result['output_files'])})"))

@@ -36,7 +36,7 @@ from torch.fx.traceback import NodeSource
 from torch.utils import _pytree as pytree
 
 from switchhead.api import REPORT_KEY
-from switchhead.capture import _auto_dynamic_shapes, drop_metadata_asserts
+from switchhead.capture import drop_metadata_asserts, export_dynamic
 from switchhead.device import follow_device_moves
 from switchhead.errors import SwitchHeadError
 from switchhead.report import ConversionReport
@@ -123,18 +123,15 @@ def save(
 def export_program(
     converted: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, dynamic: bool = True
 ) -> tuple[torch.export.ExportedProgram, str | None]:
-    """Re-export a converted module (its switchhead ops have fake kernels) with Dim.AUTO on every
-    input dimension when `dynamic`, else (or when that fails) with static shapes.
+    """Re-export a converted module (its switchhead ops have fake kernels) with its batch and
+    sequence dims dynamic when `dynamic` (`capture.export_dynamic`: size-1 example dims are widened,
+    so a batch-1 example still saves a model that takes other batch sizes), else static.
 
     Returns the program and, when it is static, why (None when it is dynamic)."""
     if not dynamic:
         return torch.export.export(converted, args, kwargs, strict=False), "the conversion was static"
-    try:
-        shapes = _auto_dynamic_shapes(converted, args, kwargs)
-        return torch.export.export(converted, args, kwargs, dynamic_shapes=shapes, strict=False), None
-    except Exception as exc:  # noqa: BLE001  (a real problem makes the static export below raise too)
-        reason = f"dynamic re-export failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
-    return torch.export.export(converted, args, kwargs, strict=False), reason
+    exported = export_dynamic(converted, args, kwargs)
+    return exported.program, exported.static_reason
 
 
 def describe_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

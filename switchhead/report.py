@@ -31,6 +31,9 @@ class ConversionReport:
     versions: dict[str, str]
     notes: list[str] = dataclasses.field(default_factory=list)
     costs: dict[str, Any] = dataclasses.field(default_factory=dict)  # at DEFAULT_COST_SEQ_LEN
+    # input name -> its dims that are dynamic in the converted graph (others are fixed at the example's)
+    dynamic_dims: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    widened: list[str] = dataclasses.field(default_factory=list)  # size-1 example dims captured at 2
 
     @classmethod
     def build(cls, sites: list[AttentionSite], skipped: list[SkippedSite], plans: list, **fields: Any) -> "ConversionReport":

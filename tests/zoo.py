@@ -27,12 +27,32 @@ class ZooCase:
     cross_sites: int = 0
     example: tuple[int, int] = (2, 7)
     other: tuple[int, int] = (3, 5)
+    head_dim_refusal: str | None = None  # what resizing the heads is refused with (None: it works)
+    # Known bugs by what they break ("fold", "compile"): those tests expect a failure (xfail, strict).
+    known_bugs: tuple[tuple[str, str], ...] = ()
+
+    def bug(self, kind: str) -> str | None:
+        return dict(self.known_bugs).get(kind)
 
     def example_inputs(self) -> tuple[tuple, dict]:
         return self.inputs(*self.example)
 
     def other_inputs(self) -> tuple[tuple, dict]:
         return self.inputs(*self.other)
+
+
+def zoo_params(cases: list, kind: str) -> list:
+    """`cases` (ZooCases, or tuples starting with one) as pytest params, a known bug of `kind`
+    marked xfail(strict=True): the test says so when it is fixed."""
+    import pytest
+
+    params = []
+    for item in cases:
+        values = item if isinstance(item, tuple) else (item,)
+        reason = values[0].bug(kind)
+        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        params.append(pytest.param(*values, marks=marks, id="-".join(str(getattr(v, "name", v)) for v in values)))
+    return params
 
 
 def _tokens(vocab: int, **extra: Callable[[int, int], Any]):
@@ -51,6 +71,12 @@ def _features(width: int, batch_first: bool = True, memory: int | None = None):
             mem = (batch, seq + 2, width) if batch_first else (seq + 2, batch, width)
             args += (torch.randn(*mem),)
         return args, {}
+    return make
+
+
+def _token_arg(vocab: int):
+    def make(batch: int, seq: int):
+        return (torch.randint(0, vocab, (batch, seq)),), {}
     return make
 
 
@@ -180,6 +206,26 @@ class EinsumMQAAttention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, t, d))
 
 
+class FairseqStyleAttention(nn.Module):
+    """fairseq's MultiheadAttention: q scaled right after its projection, before the head view
+    (as HF OPT and Whisper do), heads merged with the batch into [B*H, T, dh] for bmm."""
+
+    def __init__(self, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.dh = heads, d // heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q = self.q_proj(x) * self.dh ** -0.5
+
+        def heads(z):
+            return z.view(b, t, self.heads, self.dh).transpose(1, 2).reshape(b * self.heads, t, self.dh)
+        q, k, v = heads(q), heads(self.k_proj(x)), heads(self.v_proj(x))
+        out = torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), v)
+        return self.out_proj(out.view(b, self.heads, t, self.dh).transpose(1, 2).reshape(b, t, d))
+
+
 def _stack(block: Callable[[], nn.Module], width: int, layers: int = 2) -> Callable[[], nn.Module]:
     """A pre-norm residual stack of `layers` copies of an attention block."""
     class Stack(nn.Module):
@@ -232,9 +278,9 @@ def _gpt2() -> nn.Module:
     return GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64))
 
 
-def _llama() -> nn.Module:
+def _llama(layers: int = 2) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
-    return LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+    return LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
                                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64))
 
 
@@ -242,6 +288,37 @@ def _t5() -> nn.Module:
     from transformers import T5Config, T5ForConditionalGeneration
     return T5ForConditionalGeneration(T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                                num_decoder_layers=2, num_heads=4, decoder_start_token_id=0))
+
+
+def _opt() -> nn.Module:
+    from transformers import OPTConfig, OPTForCausalLM
+    return OPTForCausalLM(OPTConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                                    max_position_embeddings=64, word_embed_proj_dim=32))
+
+
+def _x_transformers(decoder: bool, **attn) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from x_transformers import Decoder, Encoder, TransformerWrapper
+        layers = (Decoder if decoder else Encoder)(dim=32, depth=2, heads=4, attn_dim_head=8, **attn)
+        return TransformerWrapper(num_tokens=99, max_seq_len=64, attn_layers=layers)
+    return build
+
+
+def _x_transformers_vit() -> nn.Module:
+    from x_transformers import Encoder, ViTransformerWrapper
+    return ViTransformerWrapper(image_size=32, patch_size=8, num_classes=10,
+                                attn_layers=Encoder(dim=32, depth=2, heads=4, attn_dim_head=8))
+
+
+def _vit_pytorch(rotary: bool) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        if rotary:  # rotary ViT; its depth-wise convolutions replace the q/k/v linears, so they are off
+            from vit_pytorch.rvt import RvT
+            return RvT(image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, heads=4, mlp_dim=64, dim_head=8,
+                       use_ds_conv=False)
+        from vit_pytorch import ViT
+        return ViT(image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, heads=4, mlp_dim=64, dim_head=8)
+    return build
 
 
 def _eval(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -278,6 +355,27 @@ ZOO: list[ZooCase] = [
     ZooCase("eager_attention", _eval(EagerEncoder), _eager_inputs, 2, 5, 5, 8),
     ZooCase("bloom_style_baddbmm", _eval(_stack(BloomStyleAttention, 36)), _features(36), 2, 3, 3, 12),
     ZooCase("einsum_mqa", _eval(_stack(EinsumMQAAttention, 32)), _features(32), 2, 4, 1, 8),
+    # Issue 19: third-party architectures, by the class of bug they showed.
+    # An example of batch 1 / length 1 (torch.export specialises size-1 dims): timm, HF.
+    ZooCase("timm_vit_batch1", _eval(_timm_vit), _images, 2, 3, 3, 16, example=(1, 7)),
+    ZooCase("hf_llama_batch1_len1", _eval(lambda: _llama(layers=1)), _tokens(99), 1, 6, 2, 8, example=(1, 1)),
+    # Rotary under a disabled-autocast region (export wraps it in a submodule): x-transformers
+    # (with grouped KV heads), vit-pytorch's rotary ViT.
+    ZooCase("x_transformers_rotary_gqa", _eval(_x_transformers(False, rotary_pos_emb=True, attn_kv_heads=2)),
+            _token_arg(99), 2, 4, 2, 8, head_dim_refusal="does not scale with the head size",  # RoPE on 32 dims
+            known_bugs=(("compile", "torch.compile recompiles around the kept autocast region of the rotary "
+                                    "frequencies (duck sizing in its resume function)"),)),
+    ZooCase("vit_pytorch_rvt", _eval(_vit_pytorch(True)), _images, 2, 4, 4, 8,
+            head_dim_refusal="does not scale with the head size",
+            known_bugs=(("fold", "fold is wrong on RvT's merged (b h) heads with axial RoPE: not exact at H2 = H, E = 1"),)),
+    # The softmax in a parameter-free child module (x-transformers' Attend, vit-pytorch's nn.Softmax).
+    ZooCase("x_transformers_decoder", _eval(_x_transformers(True)), _token_arg(99), 2, 4, 4, 8),
+    ZooCase("vit_pytorch_vit", _eval(_vit_pytorch(False)), _images, 2, 4, 4, 8),
+    # q scaled right after its projection, before the head view: HF OPT, fairseq's layout.
+    ZooCase("hf_opt", _eval(_opt), _tokens(99), 2, 4, 4, 8),
+    ZooCase("fairseq_style", _eval(_stack(FairseqStyleAttention, 32)), _features(32), 2, 4, 4, 8),
+    # Images cut into patches (the image size cannot grow by one): x-transformers' ViT wrapper.
+    ZooCase("x_transformers_vit", _eval(_x_transformers_vit), _images, 2, 4, 4, 8),
 ]
 
 ZOO_BY_NAME = {case.name: case for case in ZOO}

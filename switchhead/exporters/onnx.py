@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.export import Dim
 from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
-from switchhead.capture import _hf_cache_disabled, _mha_fastpath_disabled, resolve_example_inputs
+from switchhead.capture import export_dynamic, hf_cache_disabled, mha_fastpath_disabled, resolve_example_inputs
 from switchhead.errors import SwitchHeadError, VerificationError
 
 try:
@@ -81,7 +79,7 @@ def export_onnx(
     dynamic: bool = True,
     opset_version: int | None = None,
     external_data: bool | None = None,
-    verify_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+    check_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
     verify_rtol: float = DEFAULT_RTOL,
 ) -> OnnxExport:
     """Export `module` (a switchhead.convert() result or any dense model) to ONNX at `path`.
@@ -94,13 +92,15 @@ def export_onnx(
             function support; default keeps `ai.switchhead` nodes plus their model-local functions.
         verify: run the file in onnxruntime (CPU) on the example inputs and on inputs of a second
             shape and compare with PyTorch; raise VerificationError above `verify_rtol`.
-        dynamic: export every input dim as Dim.AUTO (torch.export keeps batch/sequence dynamic where
-            the model allows it); False bakes the example shapes in.
+        dynamic: export the batch and sequence dims dynamic where the model allows it, as convert()
+            captures them (image sizes, feature widths and dims the model fixes stay static; a size-1
+            example dim is widened for the export); False bakes the example shapes in.
         opset_version: default ONNX opset (>= 18); None: the exporter's default.
         external_data: weights in a separate `<name>.data` file; None: only above 1 GiB of weights
             (a single protobuf file cannot pass 2 GB).
-        verify_inputs: (args, kwargs) of the second shape; default: the example inputs with every
-            dynamic dim grown by one (values rotated cyclically, so token ids and masks stay valid).
+        check_inputs: (args, kwargs) of the second shape; default: the example inputs with every
+            dynamic dim of the file grown by one (values rotated cyclically, so token ids and masks
+            stay valid): for images the batch only.
         verify_rtol: the largest accepted max |onnx - torch| / max |torch| per output.
     """
     if opset_version is not None and opset_version < MIN_OPSET:
@@ -136,7 +136,7 @@ def export_onnx(
         static_reason=static_reason, verify_errors={},
     )
     if verify:
-        errors = _verify(module, program, path, args, kwargs, verify_inputs, verify_rtol, result.inputs)
+        errors = _verify(module, program, path, args, kwargs, check_inputs, verify_rtol, result.inputs)
         result = dataclasses.replace(result, verify_errors=errors)
     return result
 
@@ -147,7 +147,7 @@ def export_onnx(
 @contextlib.contextmanager
 def _export_mode(module: torch.nn.Module):
     """The capture settings of switchhead.convert (no HF KV cache, no fused MHA fast path)."""
-    with _hf_cache_disabled(module), _mha_fastpath_disabled(), torch.no_grad(), _quiet("onnxscript"):
+    with hf_cache_disabled(module), mha_fastpath_disabled(), torch.no_grad(), _quiet("onnxscript"):
         yield
 
 
@@ -164,22 +164,15 @@ def _quiet(logger_name: str):
 
 
 def _torch_export(module, args, kwargs, dynamic: bool) -> tuple[torch.export.ExportedProgram, str | None]:
-    static_reason = None
+    """Dynamic: the batch and sequence dims as convert() captures them (`capture.export_dynamic`:
+    size-1 example dims widened, the others static); static: the example shapes."""
     if dynamic:
-        try:
-            return torch.export.export(module, args, kwargs, dynamic_shapes=_auto_dims(module, args, kwargs), strict=False), None
-        except Exception as exc:  # some models only export with their example shapes baked in
-            static_reason = f"{type(exc).__name__}: {_first_line(exc)}"
+        exported = export_dynamic(module, args, kwargs)
+        return exported.program, exported.static_reason
     try:
-        return torch.export.export(module, args, kwargs, strict=False), static_reason
+        return torch.export.export(module, args, kwargs, strict=False), None
     except Exception as exc:
         raise OnnxExportError(f"torch.export could not capture the model: {type(exc).__name__}: {_first_line(exc)}") from exc
-
-
-def _auto_dims(module: torch.nn.Module, args, kwargs) -> dict[str, Any]:
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    spec = lambda v: {i: Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None  # noqa: E731
-    return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
 
 
 def _pin_numeric_dims(model: ir.Model) -> None:
@@ -245,7 +238,7 @@ def _first_line(exc: BaseException) -> str:
 # ------------------------------------------------------------------ verification
 
 
-def _verify(module, program, path: Path, args, kwargs, verify_inputs, rtol: float,
+def _verify(module, program, path: Path, args, kwargs, check_inputs, rtol: float,
             onnx_inputs: dict[str, list[int | str]]) -> dict[str, float]:
     """onnxruntime (CPU) vs PyTorch on the example inputs and on a second shape."""
     from switchhead.api import max_relative_error
@@ -255,8 +248,8 @@ def _verify(module, program, path: Path, args, kwargs, verify_inputs, rtol: floa
     names = [spec.arg.name for spec in program.graph_signature.input_specs if spec.kind.name == "USER_INPUT"]
     cases = [("example", args, kwargs)]
     symbolic = any(isinstance(d, str) for shape in onnx_inputs.values() for d in shape)
-    if verify_inputs is not None:
-        cases.append(("second", *verify_inputs))
+    if check_inputs is not None:
+        cases.append(("second", *check_inputs))
     elif symbolic:
         cases.append(("second", *_grown_inputs(args, kwargs, in_spec, names, onnx_inputs)))
     errors = {}
@@ -268,7 +261,7 @@ def _verify(module, program, path: Path, args, kwargs, verify_inputs, rtol: floa
                 expected = module(*case_args, **case_kwargs)
             except Exception as exc:
                 raise VerificationError(f"the PyTorch model fails on the {label} inputs ({shapes}): {_first_line(exc)}; "
-                                        "pass verify_inputs=(args, kwargs) of another shape") from exc
+                                        "pass check_inputs=(args, kwargs) of a shape it accepts") from exc
         feed = {n: t.detach().cpu().numpy() for n, t in zip(names, flat) if n in onnx_inputs}
         try:
             got = session.run(None, feed)

@@ -59,8 +59,24 @@ def module_of(node: torch.fx.Node) -> tuple[str, str]:
     if not stack:
         return "", "<root>"
     path, cls = list(stack.values())[-1]
-    name = getattr(cls, "__name__", None) or str(cls).rsplit(".", 1)[-1].rstrip("'>")
-    return path, name
+    return path, _class_name(cls)
+
+
+def _class_name(cls: Any) -> str:
+    return getattr(cls, "__name__", None) or str(cls).rsplit(".", 1)[-1].rstrip("'>")
+
+
+def _attention_module(core: torch.fx.Node, projections: list[torch.fx.Node]) -> tuple[str, str]:
+    """(path, class name) of the innermost module that holds the core and the projections: the
+    attention module, where the new parameters go (x-transformers computes the softmax in `Attend`,
+    a child without parameters that the exported graph module does not have)."""
+    def paths(node: torch.fx.Node) -> set[str]:
+        return {path for path, _ in (node.meta.get("nn_module_stack") or {}).values()}
+    shared = set.intersection(*(paths(p) for p in projections))
+    for path, cls in reversed(list((core.meta.get("nn_module_stack") or {}).values())):
+        if path in shared:
+            return path, _class_name(cls)
+    return "", "<root>"
 
 
 class _Graph:
@@ -114,9 +130,9 @@ def detect_attention(
         if node.op != "call_function" or node.target not in SDPA_OPS | SOFTMAX_OPS:
             continue
         kind = "sdpa" if node.target in SDPA_OPS else "softmax"
-        path, module_type = module_of(node)
+        path, _ = module_of(node)
         try:
-            site = _trace_site(graph, node, kind, path, module_type)
+            site = _trace_site(graph, node, kind)
             if site.value_node in claimed or site.output_node in claimed:
                 raise SiteRejected("its projections already belong to another attention")
         except SiteRejected as rejected:
@@ -313,7 +329,7 @@ def _projection_label(proj: torch.fx.Node, role: str, fused: bool, attention_typ
     return f"{'fused QKV' if fused else 'separate'} {op} ({owner})"
 
 
-def _trace_site(graph: _Graph, node: torch.fx.Node, kind: str, path: str, module_type: str) -> AttentionSite:
+def _trace_site(graph: _Graph, node: torch.fx.Node, kind: str) -> AttentionSite:
     values = graph.values
     query, key, value, core_out = _find_core(graph, node, kind)
     if not isinstance(value, torch.fx.Node):
@@ -384,6 +400,7 @@ def _trace_site(graph: _Graph, node: torch.fx.Node, kind: str, path: str, module
 
     v_input = linear_parts(v_proj)[0]
     o_weight_value = values[o_weight]
+    path, module_type = _attention_module(node, [v_proj, o_proj])
     return AttentionSite(
         path=path,
         module_type=module_type,

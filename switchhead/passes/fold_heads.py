@@ -481,7 +481,8 @@ def _head_size_operands(plan: FoldPlan, values) -> list[tuple[torch.fx.Node, tor
     """(consumer, operand, dim) of every tensor from outside the region that enters a pointwise op
     (or baddbmm's additive input) along a dim that carries the head size, e.g. RoPE's cos and sin
     or a Q/K norm's weight. Such an operand must not carry the heads as well."""
-    sizes, region = plan.sizes, set(plan.region)
+    sizes = plan.sizes
+    region = set(plan.region) | _projections(plan.site)  # a projection's output is resized with its weights
     heads_only = sizes.heads_only.keeps
     found = []
     for node in plan.region:
@@ -510,7 +511,9 @@ def _fold_external_operands(gm, plan: FoldPlan, values, keeps, config) -> None:
     keep the kept heads' slices (fold_qk='first') or the mean over each group ('mean'). They enter
     pointwise ops, SDPA's attn_mask and baddbmm's additive input."""
     graph = gm.graph
-    region = set(plan.region)
+    # A projection's output is resized with its weights: OPT scales q_proj's output before the head
+    # view, so the projection itself enters a pointwise op of the region.
+    region = set(plan.region) | _projections(plan.site)
     operands = set(plan.site.core_operands or ())
     for node in plan.region:
         if node not in keeps:
@@ -542,6 +545,10 @@ def _fold_external_operands(gm, plan: FoldPlan, values, keeps, config) -> None:
                     folded = _fold_along(graph, gm, plan, ext, ext_dim, keep, config.fold_qk)
                 node.replace_input_with(ext, folded)
                 ext = folded
+
+
+def _projections(site: AttentionSite) -> set[torch.fx.Node]:
+    return {site.query_node, site.key_node, site.value_node}
 
 
 def _fold_along(graph, gm, plan: FoldPlan, ext, dim: int, keep: torch.Tensor, fold_qk: str):

@@ -13,7 +13,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from helpers import converted  # noqa: E402 (after the importorskips)
-from zoo import ZOO, ZOO_BY_NAME
+from zoo import ZOO, ZOO_BY_NAME, zoo_params
 
 import switchhead
 from switchhead.config import INIT_METHODS
@@ -90,7 +90,7 @@ def _fold_heads(case) -> int:
 
 
 @pytest.mark.skipif("fold" not in INIT_METHODS, reason="head folding (issue 5) is not in this build")
-@pytest.mark.parametrize("case", ZOO, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", zoo_params(ZOO, "fold"))
 def test_folded_zoo_model_exports(case, tmp_path):
     """Fewer heads, experts folded from different dense heads (so a wrong expert choice or gate shows):
     every zoo model exports, checks and matches PyTorch on its example and its other shape."""
@@ -100,7 +100,7 @@ def test_folded_zoo_model_exports(case, tmp_path):
     heads = _fold_heads(case)
     config = switchhead.SwitchHeadConfig(init="fold", num_heads=heads, top_k=2)
     module = switchhead.convert(original, args, kwargs, config=config)
-    result = export_onnx(module, tmp_path / "folded.onnx", args, kwargs, verify_inputs=case.other_inputs())
+    result = export_onnx(module, tmp_path / "folded.onnx", args, kwargs, check_inputs=case.other_inputs())
 
     _assert_verified(result)
     assert result.custom_nodes.get(onnx_ops.EXPERT_O) == case.sites
@@ -136,7 +136,7 @@ def _routing(n, heads=3, experts=5, k=3):
 def test_expert_functions_match_reference_at_odd_sizes(bias, tmp_path):
     torch.manual_seed(0)
     module = _Experts(bias=bias).eval()
-    result = export_onnx(module, tmp_path / "experts.onnx", _routing(19), verify_inputs=(_routing(6), {}))
+    result = export_onnx(module, tmp_path / "experts.onnx", _routing(19), check_inputs=(_routing(6), {}))
 
     _assert_verified(result)
     assert result.custom_nodes == {onnx_ops.EXPERT_V_BIAS if bias else onnx_ops.EXPERT_V: 1, onnx_ops.EXPERT_O: 1}
@@ -155,7 +155,7 @@ def _no_optimisations() -> ort.SessionOptions:
 
 def test_external_data_is_written_beside_the_model(tmp_path):
     result = export_onnx(_Experts().eval(), tmp_path / "model.onnx", _routing(19), external_data=True,
-                         verify_inputs=(_routing(6), {}))
+                         check_inputs=(_routing(6), {}))
 
     assert result.external_data and (tmp_path / "model.onnx.data").stat().st_size > 0
     _assert_verified(result)
@@ -176,7 +176,7 @@ def test_external_data_above_the_size_limit(over, tmp_path, monkeypatch):
     size = _weight_bytes(module)
     # (The file's initializers hold a few shape constants besides the weights: "under" keeps a margin.)
     monkeypatch.setattr(onnx_exporter, "EXTERNAL_DATA_BYTES", size - 1 if over else 4 * size)
-    result = export_onnx(module, tmp_path / "model.onnx", _routing(19), verify_inputs=(_routing(6), {}))
+    result = export_onnx(module, tmp_path / "model.onnx", _routing(19), check_inputs=(_routing(6), {}))
 
     _assert_verified(result)
     data = tmp_path / "model.onnx.data"

@@ -7,7 +7,7 @@ import torch
 
 import switchhead
 from helpers import output_sum
-from zoo import ZOO, ZOO_BY_NAME
+from zoo import ZOO, ZOO_BY_NAME, zoo_params
 
 
 def _fold_targets(case):
@@ -28,7 +28,7 @@ def _fold(case, num_heads, **config):
     return model, switchhead.convert(model, args, kwargs, config=cfg)
 
 
-@pytest.mark.parametrize("case,num_heads", FOLDS, ids=[f"{c.name}-{h}" for c, h in FOLDS])
+@pytest.mark.parametrize("case,num_heads", zoo_params(FOLDS, "fold"))
 def test_fold_runs_with_fewer_heads_trains_and_stays_dynamic(case, num_heads):
     model, new = _fold(case, num_heads)
     report = switchhead.report_of(new)
@@ -59,7 +59,7 @@ def test_fold_runs_with_fewer_heads_trains_and_stays_dynamic(case, num_heads):
             assert not any(k in name for k in ("experts", "router", "folded")), name
 
 
-@pytest.mark.parametrize("case", ZOO, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", zoo_params(ZOO, "fold"))
 def test_fold_to_the_same_heads_with_one_expert_is_exact(case):
     model, new = _fold(case, case.heads, num_experts=1)
     report = switchhead.report_of(new)

@@ -33,6 +33,10 @@ def _random(model, args, kwargs=None, **config):
 def test_new_head_size_runs_trains_and_stays_dynamic(case):
     heads, head_dim = _target(case)
     model = case.build()
+    if case.head_dim_refusal:  # head-size terms that cannot follow (partial RoPE): refused, with the reason
+        with pytest.raises(switchhead.ConfigMismatchError, match=case.head_dim_refusal):
+            _random(model, *case.example_inputs(), num_heads=heads, head_dim=head_dim)
+        return
     new = _random(model, *case.example_inputs(), num_heads=heads, head_dim=head_dim)
     report = switchhead.report_of(new)
     assert all(s["new_num_heads"] == heads and s["new_head_dim"] == head_dim for s in report.sites)

@@ -18,6 +18,8 @@ The knobs are the ways real models write attention (see issue 2 / issue 9):
                   the scores, a learned positional bias on the scores
     layout        batch_first or [T, B, d]; cross-attention on a memory of another length and width
     blocks        1-2 attention calls, either separate modules or one module called twice
+    example       the (batch, length) of the example inputs: also batch 1 and length 1, which
+                  torch.export would specialise (issue 19); checked at another shape either way
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Spec:
     shared: bool = False
     num_experts: int = 4
     top_k: int = 2
+    example: tuple[int, int] = (2, 5)  # (batch, length) of the example inputs
 
     @property
     def width(self) -> int:
@@ -71,6 +74,7 @@ class Spec:
 # ------------------------------------------------------------------------------------ strategy
 
 
+EXAMPLES = ((2, 5), (1, 5), (2, 1), (1, 1))  # (batch, length); size 1 is what torch.export specialises
 CORES = ("sdpa", "matmul", "einsum", "bmm", "baddbmm", "bmm4")
 EXTRAS = ("qk_norm_head", "qk_norm_full", "qk_rms_head", "rope", "clamp", "softcap", "pos_bias")
 SCALES = ("default", "before", "after", "div_after", "qk_quarter", "none")
@@ -102,7 +106,7 @@ def spec_from(choose: Callable[[Sequence], Any], cores: tuple[str, ...] = CORES)
         core=core, gqa=choose(gqa_modes), scale=choose(SCALES), mask=choose(masks),
         dropout=choose((False, True)), extras=extras, batch_first=choose((False, True)), cross=cross,
         blocks=choose((1, 1, 2)), shared=choose((False, True)),
-        num_experts=num_experts, top_k=choose(range(1, num_experts + 1)),
+        num_experts=num_experts, top_k=choose(range(1, num_experts + 1)), example=choose(EXAMPLES),
     )
 
 
@@ -131,7 +135,8 @@ def features(spec: Spec) -> set[str]:
     """The knobs `spec` exercises, as "knob=value" (what the property tests must cover)."""
     found = {f"core={spec.core}", f"proj={spec.proj}", f"scale={spec.scale}", f"mask={spec.mask}",
              f"qkv_bias={spec.qkv_bias}", f"o_bias={spec.o_bias}", f"dropout={spec.dropout}",
-             f"batch_first={spec.batch_first}", f"cross={spec.cross}", *(f"extra={e}" for e in spec.extras)}
+             f"batch_first={spec.batch_first}", f"cross={spec.cross}", *(f"extra={e}" for e in spec.extras),
+             "example={}x{}".format(*spec.example)}
     if spec.proj == "fused":
         grouped = "[H,3,dh]" if spec.kv_heads == spec.heads else "[G,H/G+2,dh]"
         found.add("layout=" + {"split": "[q|k|v]", "3hd": "[3,H,dh]", "grouped": grouped}[spec.layout])
@@ -154,7 +159,8 @@ def all_features(cores: tuple[str, ...]) -> set[str]:
             | {f"{knob}={value}" for knob in ("qkv_bias", "o_bias", "dropout", "batch_first", "cross")
                for value in (True, False)}
             | {"proj=separate", "proj=fused", "layout=[q|k|v]", "layout=[3,H,dh]", "layout=[H,3,dh]",
-               "layout=[G,H/G+2,dh]", "heads=mqa", "heads=gqa", "blocks=2", "blocks=shared"})
+               "layout=[G,H/G+2,dh]", "heads=mqa", "heads=gqa", "blocks=2", "blocks=shared"}
+            | {"example={}x{}".format(*e) for e in EXAMPLES})
 
 
 # ------------------------------------------------------------------------------------- modules
@@ -423,7 +429,7 @@ def examples(ci_count: int) -> int:
     return int(os.environ.get("SWITCHHEAD_HYPOTHESIS_EXAMPLES", "0")) or ci_count
 
 
-EXAMPLE_SHAPE, OTHER_SHAPE = (2, 5), (3, 7)
+OTHER_SHAPE = (3, 7)
 TOLERANCE = 1e-5
 
 
@@ -450,12 +456,13 @@ def check(spec: Spec) -> Outcome:
 
     Every attention call is either rewritten or reported skipped with a reason; a rewritten model
     computes the original function to TOLERANCE at the example shape (convert's own verification;
-    a VerificationError propagates: it is a wrong rewrite) and at another shape.
+    a VerificationError propagates: it is a wrong rewrite) and at another shape (also after a
+    batch-1 or length-1 example).
     """
     import switchhead
 
     model = build(spec)
-    args, kwargs = inputs(spec, *EXAMPLE_SHAPE)
+    args, kwargs = inputs(spec, *spec.example)
     config = switchhead.SwitchHeadConfig(num_experts=spec.num_experts, top_k=spec.top_k)
     try:
         with _uncached_fake_tensors():
