@@ -33,8 +33,8 @@ from typing import Any, Iterator
 
 import torch
 
-from switchhead.capture import resolve_example_inputs
 from switchhead.errors import MissingInputsError, SwitchHeadError
+from switchhead.inputs import example_inputs
 
 MODEL_NAMES = ("model", "build_model")
 INPUT_NAMES = ("example_inputs",)
@@ -191,7 +191,7 @@ def _inputs_of(module: types.ModuleType, path: Path, inputs: str | None,
         if inputs:
             raise ModelFileError(f"{path.name} has no `{inputs}` (given by --inputs)")
         try:  # the model may describe its own inputs
-            return resolve_example_inputs(model, None, None)
+            return example_inputs(model)
         except MissingInputsError:
             raise ModelFileError(
                 f"{path.name} defines no `example_inputs`: add one (a tuple of positional inputs, a dict of "
