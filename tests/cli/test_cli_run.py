@@ -31,7 +31,7 @@ def test_example_converts_saves_and_loads(run_cli, tmp_path, name):
     out = tmp_path / "out"
     result = run_cli(EXAMPLES / f"{name}.py", "--quiet", "--output", out)
     assert result.exit_code == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["model.pt2", "model.safetensors", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.graph.json", "model.safetensors", "report.json"]
 
     torch.manual_seed(0)  # the command seeds the model file with --seed (default 0)
     original = load_model_file(EXAMPLES / f"{name}.py")
