@@ -278,7 +278,7 @@ def _run(model_file: Path, entry: str | None, inputs_name: str | None, config, o
     report.costs = report.cost_summary(seq_len)
     steps.done()
     if out is not None:
-        _print_tables(out, report.sites, report.skipped, {s["path"] for s in report.sites})
+        print_site_tables(out, report.sites, report.skipped, {s["path"] for s in report.sites})
         _print_costs(out, report)
     healed = _heal(loaded, converted, heal, tokenizer, steps) if tokenizer is not None else None
     steps.start("save")
@@ -351,7 +351,7 @@ def _dry_run(loaded, config, steps: Steps, out: Console | None) -> dict[str, Any
     skipped = [s.to_dict() for s in analysis.skipped]
     selected = _selected(sites, config.module_filter)
     if out is not None:
-        _print_tables(out, sites, skipped, selected)
+        print_site_tables(out, sites, skipped, selected)
     if not sites:
         raise CliError(f"no attention to rewrite in {loaded.path.name}{_skip_hint(skipped)}", ExitCode.NO_ATTENTION,
                        {"skipped": skipped})
@@ -374,7 +374,7 @@ def _explain_no_attention(loaded, config, steps: Steps, out: Console | None) -> 
     if sites and config.module_filter is not None:
         return _filter_error(config.module_filter, sites)
     if out is not None:
-        _print_tables(out, sites, skipped, set())
+        print_site_tables(out, sites, skipped, set())
     return CliError(f"no attention to rewrite in {loaded.path.name}{_skip_hint(skipped)}", ExitCode.NO_ATTENTION,
                     {"skipped": skipped})
 
@@ -437,18 +437,23 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------- rendering
 
 
-def _print_tables(out: Console, sites: list[dict[str, Any]], skipped: list[dict[str, Any]], selected: set[str]) -> None:
+def print_site_tables(out: Console, sites: list[dict[str, Any]], skipped: list[dict[str, Any]], selected: set[str]) -> None:
     if sites:
-        table = Table(title=f"Attention found ({len(sites)})", title_justify="left")
-        for column, justify, wraps in [("module", "left", True), ("type", "left", True), ("heads", "right", False),
+        # the projections take what the terminal has left (expand: ratio columns share the rest)
+        table = Table(title=f"Attention found ({len(sites)})", title_justify="left", expand=True)
+        # only the module paths and projections wrap: the numbers stay whole on a narrow terminal
+        for column, justify, wraps in [("module, type", "left", True), ("heads", "right", False),
                                        ("width", "right", False), ("kind", "left", False),
-                                       ("V / O projection", "left", True), ("rewrite", "center", False)]:
-            table.add_column(column, justify=justify, no_wrap=not wraps, overflow="fold")
-        for path, count, s in collapse_sites(sites, selected):
+                                       ("projections", "left", True), ("rewrite", "center", False)]:
+            table.add_column(column, justify=justify, no_wrap=not wraps, overflow="fold",
+                             ratio=1 if column == "projections" else None)
+        rows = collapse_sites(sites, selected)
+        table.columns[0].min_width = min(32, max(len(path) for path, _, _ in rows))  # paths whole where they can be
+        for path, count, s in rows:
             width = str(s["embed_dim"]) if s["query_dim"] == s["embed_dim"] else f"{s['query_dim']}/{s['embed_dim']}"
             kv = f" ({s['num_kv_heads']} KV)" if s["num_kv_heads"] != s["num_heads"] else ""
-            module = path + (f" [dim]({count})[/]" if count > 1 else "")
-            table.add_row(module, s["module_type"], f"{s['num_heads']}{kv} x {s['head_dim']}", width,
+            module = f"{path}\n[dim]{s['module_type']}" + (f" x {count}" if count > 1 else "") + "[/]"
+            table.add_row(module, f"{s['num_heads']}{kv} x {s['head_dim']}", width,
                           f"{'cross' if s['cross'] else 'self'}, {s['core']}",
                           f"V: {s['value_projection']}\nO: {s['output_projection']}",
                           "[green]yes[/]" if s["path"] in selected else "[dim]no[/]")
