@@ -25,7 +25,7 @@ from rich.table import Table
 
 import switchhead
 from switchhead.healing.command import check_heal_options, heal_converted, heal_options
-from switchhead.io import SaveError, output_state, save
+from switchhead.io import SaveError, holds_same_model, output_state, save
 from switchhead.model_file import load_model_file, load_tokenizer, user_frame
 from switchhead.report import versions
 
@@ -277,6 +277,10 @@ def _run(model_file: Path, entry: str | None, inputs_name: str | None, config, o
     report = switchhead.report_of(converted)
     report.costs = report.cost_summary(seq_len)
     steps.done()
+    if not force and output_state(output) == "ours" and not holds_same_model(output, report.to_dict()):
+        # known now, before healing and saving (save() would refuse it too)
+        raise CliError(f"--output {output} holds the output of another model; pick another directory or pass "
+                       "--force to replace it", ExitCode.OUTPUT)
     if out is not None:
         print_site_tables(out, report.sites, report.skipped, {s["path"] for s in report.sites})
         _print_costs(out, report)

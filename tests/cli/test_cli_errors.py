@@ -239,7 +239,7 @@ def test_output_of_another_model_is_refused_unless_forced(run_cli, write_model, 
     assert run_cli(write_model(), "-o", out, "-q").exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     other = write_model(TINY_MODEL.replace("VOCAB, WIDTH, HEADS = 32, 16, 2", "VOCAB, WIDTH, HEADS = 32, 16, 4"), "other.py")
-    assert_failed(run_cli(other, "-o", out), ExitCode.OUTPUT, "holds another model's output", "--force")
+    assert_failed(run_cli(other, "-o", out), ExitCode.OUTPUT, "holds the output of another model", "--force")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert run_cli(other, "-o", out, "-q", "--force").exit_code == 0
 
