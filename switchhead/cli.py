@@ -25,6 +25,7 @@ from rich.table import Table
 
 import switchhead
 from switchhead.healing.command import check_heal_options, heal_converted, heal_options
+from switchhead.inputs import accept_missing_mask
 from switchhead.io import SaveError, holds_same_model, output_state, save
 from switchhead.model_file import load_model_file, load_tokenizer, user_frame
 from switchhead.report import versions
@@ -343,8 +344,10 @@ def _export_onnx(converted, inputs, path: Path, inline: bool, steps: Steps) -> d
 
 
 def _convert(loaded, config, steps: Steps):
-    """convert(), one progress step per stage."""
-    return switchhead.convert(loaded.model, loaded.args, loaded.kwargs, config=config, progress=steps.start)
+    """convert(), one progress step per stage; a model converted on its dummy_inputs plus a mask still
+    accepts calls without the mask, as convert(model) without inputs gives."""
+    converted = switchhead.convert(loaded.model, loaded.args, loaded.kwargs, config=config, progress=steps.start)
+    return accept_missing_mask(converted) if loaded.mask_added else converted
 
 
 def _dry_run(loaded, config, steps: Steps, out: Console | None) -> dict[str, Any]:
