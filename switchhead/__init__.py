@@ -12,7 +12,7 @@ from switchhead.accounting import (
     site_costs,
     totals,
 )
-from switchhead.api import analyze, convert, find_attention, max_relative_error, report_of
+from switchhead.api import analyze, convert, find_attention, max_relative_error, relative_error, report_of
 from switchhead.healing import HealConfig, heal
 from switchhead.inspect import expert_usage
 from switchhead.io import LoadError, SaveError, load, save
@@ -46,6 +46,6 @@ __all__ = [
     "AttentionCosts", "AttentionGeometry", "AttentionSite", "CaptureError", "ConfigMismatchError", "ConversionReport", "LoadError",
     "MissingInputsError", "NoAttentionError", "SaveError", "SiteCosts", "SkippedSite", "SwitchHeadConfig",
     "SwitchHeadError", "VerificationError", "analyze", "attention_costs", "convert", "expert_usage",
-    "find_attention", "format_table", "load", "max_relative_error", "paper_macs", "paper_memory", "report_of",
+    "find_attention", "format_table", "load", "max_relative_error", "paper_macs", "paper_memory", "relative_error", "report_of",
     "save", "site_costs", "totals",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -11,10 +12,11 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from switchhead.capture import Captured, capture, record_values, resolve_example_inputs
+from switchhead.capture import Captured, capture, record_values
 from switchhead.config import SwitchHeadConfig
 from switchhead.device import follow_device_moves
 from switchhead.errors import NoAttentionError, VerificationError
+from switchhead.inputs import accept_missing_mask, remember_inputs, resolve_inputs
 from switchhead.passes.detect_attention import detect_attention
 from switchhead.passes.fold_heads import fold_sites
 from switchhead.passes.rewrite_experts import rewrite_experts
@@ -34,6 +36,7 @@ class Analysis:
     sites: list[AttentionSite]
     skipped: list[SkippedSite]
     reference_output: Any
+    mask_added: bool = False  # an all-ones attention_mask was added to the model's dummy_inputs
 
 
 def analyze(
@@ -47,7 +50,7 @@ def analyze(
 ) -> Analysis:
     """Capture `model` and find its attention; sites excluded by a filter are reported as skipped.
     `dynamic_shapes` (torch.export's format) replaces the automatic dynamic batch / sequence dims."""
-    args, kwargs = resolve_example_inputs(model, args, kwargs)
+    args, kwargs, mask_added = resolve_inputs(model, args, kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         captured, reference = capture(model, args, kwargs, dynamic_shapes)
@@ -59,7 +62,7 @@ def analyze(
             kept.append(site)
         else:
             skipped.append(SkippedSite(site.path, site.core, "excluded by the filter"))
-    return Analysis(captured, values, kept, skipped, reference)
+    return Analysis(captured, values, kept, skipped, reference, mask_added)
 
 
 def find_attention(
@@ -103,6 +106,7 @@ def convert(
     if not analysis.sites:
         reasons = "; ".join(sorted({f"{s.path or '<root>'}: {s.reason}" for s in analysis.skipped})[:3])
         raise NoAttentionError(f"no attention to rewrite in {type(model).__name__}" + (f" (skipped: {reasons})" if reasons else ""))
+    config.check_sites(analysis.sites)
     parameters_before = sum(p.numel() for p in model.parameters())
     gm = analysis.captured.graph_module
     step("rewrite")
@@ -113,8 +117,9 @@ def convert(
                         for p, s in zip(plans, analysis.sites)) if config.init == "fold" else config.init == "upcycle"
     step("verify")
     exact = same_function and config.verify
-    rtol = (config.verify_rtol if config.verify_rtol is not None else default_rtol(analysis.reference_output)) if exact else None
-    error = _verify(gm, analysis, rtol, exact=exact)
+    rtol = (config.verify_rtol if config.verify_rtol is not None
+            else default_rtol(analysis.reference_output, len(plans))) if exact else None
+    error, max_error = _verify(gm, analysis, rtol, exact=exact, depth=len(plans))
     notes = [f"example dims kept at 1 (static): {analysis.captured.not_widened}"] if analysis.captured.not_widened else []
     if config.init == "fold" and not same_function:
         notes.append("init='fold' is lossy: the folded heads only approximate the dense model; heal it "
@@ -123,9 +128,13 @@ def convert(
         analysis.sites, analysis.skipped, plans, config=config.to_dict(),
         dynamic_shapes=analysis.captured.dynamic, static_reason=analysis.captured.static_reason,
         dynamic_dims=analysis.captured.dynamic_dims, widened=list(analysis.captured.widened),
-        rewrites=2 * len(plans), verify_max_error=error, verify_rtol=rtol, parameters_before=parameters_before,
+        rewrites=2 * len(plans), verify_max_error=max_error, verify_error=error, verify_rtol=rtol,
+        parameters_before=parameters_before,
         parameters_after=sum(p.numel() for p in gm.parameters()), notes=notes,
     )
+    remember_inputs(gm, analysis.captured.args, analysis.captured.kwargs)
+    if analysis.mask_added:
+        accept_missing_mask(gm)
     return follow_device_moves(gm)
 
 
@@ -157,16 +166,47 @@ def max_relative_error(expected: Any, actual: Any) -> float:
     return worst
 
 
-def default_rtol(output: Any) -> float:
-    """1e-5, or twice the rounding error of the least precise floating output (fp16, bf16)."""
+def relative_error(expected: Any, actual: Any) -> float:
+    """||a - b|| / ||a|| (Euclidean norms over the finite entries), the worst floating output of two
+    outputs of the same structure.
+
+    This is the measure that tells float rounding from a wrong rewrite: rounding errors are many
+    small independent terms, so their norm stays near eps * sqrt(depth) of the output's norm, while
+    a misread head moves a whole slice of the output by its own size. The max elementwise ratio
+    (max_relative_error) instead grows with the output's size and the spread of its values."""
+    want, want_spec = pytree.tree_flatten(expected)
+    got, got_spec = pytree.tree_flatten(actual)
+    if want_spec != got_spec:
+        raise VerificationError(f"converted model returns {got_spec}, the original {want_spec}")
+    worst = 0.0
+    for a, b in zip(want, got):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            if a.shape != b.shape:
+                raise VerificationError(f"converted output has shape {tuple(b.shape)}, the original {tuple(a.shape)}")
+            a64, b64 = a.detach().double(), b.detach().double()
+            finite = torch.isfinite(a64)
+            if not torch.equal(finite, torch.isfinite(b64)):
+                return float("inf")
+            scale = torch.linalg.vector_norm(a64[finite]).item()
+            diff = torch.linalg.vector_norm((a64 - b64)[finite]).item()
+            worst = max(worst, diff / scale if scale > 0 else diff)
+    return worst
+
+
+def default_rtol(output: Any, depth: int = 1) -> float:
+    """The limit of relative_error for a model with `depth` rewritten attention layers: 1e-5, or twice
+    the rounding error of the least precise floating output (fp16, bf16), times sqrt(depth), since
+    independent rounding errors of the layers add up in quadrature."""
     dtypes = [t.dtype for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    return max([1e-5] + [2 * torch.finfo(d).eps for d in dtypes])
+    return max([1e-5] + [2 * torch.finfo(d).eps for d in dtypes]) * math.sqrt(max(depth, 1))
 
 
-def _verify(gm: torch.fx.GraphModule, analysis: Analysis, rtol: float | None, exact: bool) -> float | None:
-    """`rtol` is required when `exact`."""
+def _verify(gm: torch.fx.GraphModule, analysis: Analysis, rtol: float | None, exact: bool,
+            depth: int) -> tuple[float | None, float | None]:
     """Run the converted model on the example inputs. Its outputs must have the original's
-    structure and shapes; when it should compute the same function (`exact`), the same values."""
+    structure and shapes; when it should compute the same function (`exact`), the same values:
+    relative_error at most `rtol` (required when `exact`). Returns (relative_error,
+    max_relative_error), both None when not `exact`."""
     captured = analysis.captured
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -174,12 +214,16 @@ def _verify(gm: torch.fx.GraphModule, analysis: Analysis, rtol: float | None, ex
             output = gm(*captured.args, **captured.kwargs)
     except Exception as exc:
         raise VerificationError(f"the converted model fails on the example inputs: {type(exc).__name__}: {exc}") from exc
-    error = max_relative_error(analysis.reference_output, output)
+    max_error = max_relative_error(analysis.reference_output, output)  # also checks structure and shapes
     if not exact:
-        return None
+        return None, None
+    error = relative_error(analysis.reference_output, output)
     if not error <= rtol:
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in pytree.tree_leaves(output)
+                         if isinstance(t, torch.Tensor) and t.is_floating_point()})
         raise VerificationError(
-            f"converted model differs from the original by {error:.3g} (relative, > {rtol:g}); "
-            "please report this model: its attention was misread"
+            f"converted model differs from the original by {error:.3g} (||a-b||/||a||), above the {rtol:.3g} that "
+            f"rounding in {'/'.join(dtypes) or 'float'} over {depth} attention layer(s) explains: its attention was "
+            "misread; please report this model (or raise SwitchHeadConfig.verify_rtol if you expect more rounding)"
         )
-    return error
+    return error, max_error

@@ -25,7 +25,8 @@ from rich.table import Table
 
 import switchhead
 from switchhead.healing.command import check_heal_options, heal_converted, heal_options
-from switchhead.io import SaveError, output_state, save
+from switchhead.inputs import accept_missing_mask
+from switchhead.io import SaveError, holds_same_model, output_state, save
 from switchhead.model_file import load_model_file, load_tokenizer, user_frame
 from switchhead.report import versions
 
@@ -61,7 +62,7 @@ The model file defines `model` (an nn.Module) or `build_model()`, and
 of keyword inputs, or (args, kwargs). --entry / --inputs pick other names.
 
 \b
-Output: DIR/model.pt2 (torch.export program), DIR/model.safetensors
+Output: DIR/model.graph.json (the converted graph), DIR/model.safetensors
 (weights), DIR/report.json; written to a temporary folder and moved into
 place only when complete.
 
@@ -81,6 +82,9 @@ STEP_LABELS = {
     "save": "Saving to {output} and checking the saved program",
     "onnx": "Exporting ONNX to {onnx} and checking it in onnxruntime",
 }
+
+
+SAVE_PARTS = {"write": "writing the graph and weights", "check": "loading them back and comparing outputs"}
 
 
 class _Command(click.Command):
@@ -115,6 +119,12 @@ class Steps:
         if self.console is not None:
             self._status = self.console.status(STEP_LABELS.get(key, key).format(**self.names) + " ...")
             self._status.start()
+
+    def detail(self, text: str) -> None:
+        """Say which part of the running step is under way (long steps: save, ONNX)."""
+        if self._status is not None and self._current is not None:
+            label = STEP_LABELS.get(self._current[0], self._current[0]).format(**self.names)
+            self._status.update(f"{label}: {text} ...")
 
     def done(self, ok: bool = True) -> None:
         if self._current is None:
@@ -268,14 +278,19 @@ def _run(model_file: Path, entry: str | None, inputs_name: str | None, config, o
     report = switchhead.report_of(converted)
     report.costs = report.cost_summary(seq_len)
     steps.done()
+    if not force and output_state(output) == "ours" and not holds_same_model(output, report.to_dict()):
+        # known now, before healing and saving (save() would refuse it too)
+        raise CliError(f"--output {output} holds the output of another model; pick another directory or pass "
+                       "--force to replace it", ExitCode.OUTPUT)
     if out is not None:
-        _print_tables(out, report.sites, report.skipped, {s["path"] for s in report.sites})
+        print_site_tables(out, report.sites, report.skipped, {s["path"] for s in report.sites})
         _print_costs(out, report)
     healed = _heal(loaded, converted, heal, tokenizer, steps) if tokenizer is not None else None
     steps.start("save")
     extra = {"source": str(model_file), "timings_s": {k: round(v, 3) for k, v in steps.timings.items()}}
     try:
-        target = save(converted, output, loaded.args, loaded.kwargs, report, overwrite=force, extra=extra)
+        target = save(converted, output, loaded.args, loaded.kwargs, report, overwrite=force, extra=extra,
+                      progress=lambda part: steps.detail(SAVE_PARTS[part]))
     except OSError as exc:
         raise CliError(f"cannot write {output}: {exc.strerror or exc}", ExitCode.OUTPUT) from exc
     steps.done()
@@ -320,7 +335,7 @@ def _export_onnx(converted, inputs, path: Path, inline: bool, steps: Steps) -> d
                        ExitCode.USAGE) from exc
     args, kwargs = inputs
     try:
-        exported = export_onnx(converted, path, args, kwargs, inline=inline)
+        exported = export_onnx(converted, path, args, kwargs, inline=inline, progress=steps.detail)
     except OSError as exc:
         raise CliError(f"cannot write --onnx {path}: {exc.strerror or exc}", ExitCode.OUTPUT) from exc
     steps.done()
@@ -329,8 +344,10 @@ def _export_onnx(converted, inputs, path: Path, inline: bool, steps: Steps) -> d
 
 
 def _convert(loaded, config, steps: Steps):
-    """convert(), one progress step per stage."""
-    return switchhead.convert(loaded.model, loaded.args, loaded.kwargs, config=config, progress=steps.start)
+    """convert(), one progress step per stage; a model converted on its dummy_inputs plus a mask still
+    accepts calls without the mask, as convert(model) without inputs gives."""
+    converted = switchhead.convert(loaded.model, loaded.args, loaded.kwargs, config=config, progress=steps.start)
+    return accept_missing_mask(converted) if loaded.mask_added else converted
 
 
 def _dry_run(loaded, config, steps: Steps, out: Console | None) -> dict[str, Any]:
@@ -341,12 +358,13 @@ def _dry_run(loaded, config, steps: Steps, out: Console | None) -> dict[str, Any
     skipped = [s.to_dict() for s in analysis.skipped]
     selected = _selected(sites, config.module_filter)
     if out is not None:
-        _print_tables(out, sites, skipped, selected)
+        print_site_tables(out, sites, skipped, selected)
     if not sites:
         raise CliError(f"no attention to rewrite in {loaded.path.name}{_skip_hint(skipped)}", ExitCode.NO_ATTENTION,
                        {"skipped": skipped})
     if not selected:
         raise _filter_error(config.module_filter, sites)
+    config.check_sites([s for s in sites if s["path"] in selected])  # what --heads / --top-k would meet
     return {"dry_run": True, "source": str(loaded.path), "sites": sites, "skipped": skipped,
             "selected": sorted(selected), "config": config.to_dict(), "dynamic_shapes": analysis.captured.dynamic,
             "dynamic_dims": analysis.captured.dynamic_dims,
@@ -364,7 +382,7 @@ def _explain_no_attention(loaded, config, steps: Steps, out: Console | None) -> 
     if sites and config.module_filter is not None:
         return _filter_error(config.module_filter, sites)
     if out is not None:
-        _print_tables(out, sites, skipped, set())
+        print_site_tables(out, sites, skipped, set())
     return CliError(f"no attention to rewrite in {loaded.path.name}{_skip_hint(skipped)}", ExitCode.NO_ATTENTION,
                     {"skipped": skipped})
 
@@ -427,28 +445,76 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------- rendering
 
 
-def _print_tables(out: Console, sites: list[dict[str, Any]], skipped: list[dict[str, Any]], selected: set[str]) -> None:
+def print_site_tables(out: Console, sites: list[dict[str, Any]], skipped: list[dict[str, Any]], selected: set[str]) -> None:
     if sites:
-        table = Table(title=f"Attention found ({len(sites)})", title_justify="left")
-        for column, justify in [("module", "left"), ("type", "left"), ("core", "left"), ("heads", "right"),
-                                ("KV heads", "right"), ("head dim", "right"), ("width", "right"), ("kind", "left"),
-                                ("V projection", "left"), ("O projection", "left"), ("rewrite", "center")]:
-            wraps = "projection" in column
-            table.add_column(column, justify=justify, no_wrap=not wraps, min_width=24 if wraps else None)
-        for s in sites:
+        # the projections take what the terminal has left (expand: ratio columns share the rest)
+        table = Table(title=f"Attention found ({len(sites)})", title_justify="left", expand=True)
+        # only the module paths and projections wrap: the numbers stay whole on a narrow terminal
+        for column, justify, wraps in [("module, type", "left", True), ("heads", "right", False),
+                                       ("width", "right", False), ("kind", "left", False),
+                                       ("projections", "left", True), ("rewrite", "center", False)]:
+            table.add_column(column, justify=justify, no_wrap=not wraps, overflow="fold",
+                             ratio=1 if column == "projections" else None)
+        rows = collapse_sites(sites, selected)
+        table.columns[0].min_width = min(32, max(len(path) for path, _, _ in rows))  # paths whole where they can be
+        for path, count, s in rows:
             width = str(s["embed_dim"]) if s["query_dim"] == s["embed_dim"] else f"{s['query_dim']}/{s['embed_dim']}"
-            table.add_row(s["path"] or "<root>", s["module_type"], s["core"], str(s["num_heads"]), str(s["num_kv_heads"]),
-                          str(s["head_dim"]), width, "cross" if s["cross"] else "self", s["value_projection"],
-                          s["output_projection"], "[green]yes[/]" if s["path"] in selected else "[dim]no[/]")
+            kv = f" ({s['num_kv_heads']} KV)" if s["num_kv_heads"] != s["num_heads"] else ""
+            module = f"{path}\n[dim]{s['module_type']}" + (f" x {count}" if count > 1 else "") + "[/]"
+            table.add_row(module, f"{s['num_heads']}{kv} x {s['head_dim']}", width,
+                          f"{'cross' if s['cross'] else 'self'}, {s['core']}",
+                          f"V: {s['value_projection']}\nO: {s['output_projection']}",
+                          "[green]yes[/]" if s["path"] in selected else "[dim]no[/]")
         out.print(table)
     if skipped:
         table = Table(title=f"Softmax / attention ops not rewritten ({len(skipped)})", title_justify="left")
-        table.add_column("module", no_wrap=True)
+        table.add_column("module", overflow="fold")
         table.add_column("op", no_wrap=True)
         table.add_column("reason", overflow="fold")
-        for s in skipped:
-            table.add_row(s["path"] or "<root>", s["op"], s["reason"])
+        for path, count, s in collapse_sites(skipped, set(), keys=("op", "reason")):
+            table.add_row(path + (f" ({count})" if count > 1 else ""), s["op"], s["reason"])
         out.print(table)
+
+
+_NUMBER = re.compile(r"(?<![^.])\d+(?![^.])")  # a path component that is a number (a layer index)
+SITE_KEYS = ("module_type", "core", "num_heads", "num_kv_heads", "head_dim", "embed_dim", "query_dim", "cross",
+             "value_projection", "output_projection")
+
+
+def collapse_sites(sites: list[dict[str, Any]], selected: set[str],
+                   keys: tuple[str, ...] = SITE_KEYS) -> list[tuple[str, int, dict[str, Any]]]:
+    """Runs of consecutive sites that differ only in the layer numbers of their paths, as
+    (path with each varying number shown as its range, e.g. "model.layers.0-29.self_attn", count,
+    first site of the run)."""
+    rows: list[tuple[str, int, dict[str, Any]]] = []
+    runs: list[tuple[Any, list[dict[str, Any]]]] = []
+    for site in sites:
+        path = site["path"] or "<root>"
+        key = (_NUMBER.sub("#", path), path in selected, *(site.get(k) for k in keys))
+        if runs and runs[-1][0] == key:
+            runs[-1][1].append(site)
+        else:
+            runs.append((key, [site]))
+    for _, members in runs:
+        paths = [m["path"] or "<root>" for m in members]
+        numbers = [[int(n) for n in _NUMBER.findall(p)] for p in paths]
+        parts = _NUMBER.split(paths[0])
+        shown = parts[0]
+        for position, rest in enumerate(parts[1:]):
+            shown += _ranges(sorted({n[position] for n in numbers})) + rest
+        rows.append((shown, len(members), members[0]))
+    return rows
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    spans: list[list[int]] = []
+    for v in values:
+        if spans and v == spans[-1][1] + 1:
+            spans[-1][1] = v
+        else:
+            spans.append([v, v])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _print_costs(out: Console, report) -> None:
@@ -487,9 +553,11 @@ def _print_summary(out: Console, result: dict[str, Any]) -> None:
                                 f"{heads}E={first['num_experts']}, top-{config['top_k']}, init={config['init']}, "
                                 f"seed={config['seed']}"))
         before, after = result["parameters_before"], result["parameters_after"]
-        rows.append(("parameters", f"{_count(before)} -> {_count(after)} (+{_count(after - before)})"))
-        if result["verify_max_error"] is not None:
-            rows.append(("verified", f"max relative error {result['verify_max_error']:.2e} (limit {result['verify_rtol']:g})"))
+        delta = after - before
+        rows.append(("parameters", f"{_count(before)} -> {_count(after)} ({'+' if delta >= 0 else '-'}{_count(abs(delta))})"))
+        if result.get("verify_error") is not None:
+            rows.append(("verified", f"relative error {result['verify_error']:.2e} (||a-b||/||a||, limit "
+                                     f"{result['verify_rtol']:.2g}); max relative error {result['verify_max_error']:.2e}"))
         else:
             rows.append(("verified", f"outputs' structure and shapes only (init={config['init']} changes the function)"))
     shapes = "dynamic: " + "; ".join(f"{name} dims {', '.join(map(str, dims))}"

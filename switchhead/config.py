@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from switchhead.kernels.choice import IMPLS as EXPERT_IMPLS
+from switchhead.errors import ConfigMismatchError
 
 INIT_METHODS = ("upcycle", "random", "fold")
 FOLD_QK = ("mean", "first")
@@ -54,8 +56,9 @@ class SwitchHeadConfig:
             shape, by the measured rule in kernels/choice.py), "dense" (all experts through one GEMM,
             gated) or "sparse" (the routed Triton kernels). The CPU always computes densely.
         verify: compare converted and original outputs on the example inputs (upcycle only).
-        verify_rtol: the largest relative error (max |a-b| / max |a|) that verification accepts;
-            None: 1e-5, or twice the rounding error of the model's outputs when they are fp16/bf16.
+        verify_rtol: the largest relative error ||a-b|| / ||a|| (switchhead.relative_error) that
+            verification accepts; None: 1e-5, or twice the rounding error of the model's outputs
+            when they are fp16/bf16, times sqrt(number of rewritten attention layers).
         seed: seed of the random router / expert initialisation (None: torch's global RNG).
         version: version of this config format.
     """
@@ -90,6 +93,9 @@ class SwitchHeadConfig:
                 raise ValueError(f"num_heads must be a positive integer, got {self.num_heads!r}")
             if self.init == "upcycle":
                 raise ValueError("num_heads changes the model's function: use init='fold' (pretrained) or 'random'")
+        elif self.init == "fold" and self.num_experts is None and self.top_k > 1:
+            raise ValueError(f"init='fold' needs num_heads (--heads), fewer than the model's heads: without it every "
+                             f"head stays its own single expert, fewer than top_k={self.top_k}")
         if self.head_dim is not None:
             if not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim < 1:
                 raise ValueError(f"head_dim must be a positive integer, got {self.head_dim!r}")
@@ -112,6 +118,35 @@ class SwitchHeadConfig:
             raise ValueError(f"verify_rtol must be a positive number, got {self.verify_rtol!r}")
         if self.version != CONFIG_VERSION:
             raise ValueError(f"config version {self.version} is not supported (this build reads {CONFIG_VERSION})")
+
+    def check_sites(self, sites: Iterable[Any]) -> None:
+        """ConfigMismatchError, before any rewrite, when the head count, experts or top_k cannot be
+        applied to the attention found (`AttentionSite`s or their report dicts): what detection
+        alone tells, so a bad option fails right after capture instead of deep in the rewrite."""
+        changes_heads = self.init == "fold" or self.num_heads is not None or self.head_dim is not None
+        shapes: dict[tuple[int, int], list[str]] = {}
+        for site in sites:
+            get = site.get if isinstance(site, Mapping) else lambda key: getattr(site, key)
+            shapes.setdefault((get("num_heads"), get("num_kv_heads")), []).append(get("path") or "<root>")
+        for (heads, kv_heads), paths in shapes.items():
+            where = paths[0] + (f" (and {len(paths) - 1} more like it)" if len(paths) > 1 else "")
+            gqa = kv_heads < heads
+            choices = [h for h in range(1, heads + 1) if heads % h == 0 and (not gqa or h % kv_heads == 0)]
+            new_heads = self.num_heads or heads
+            if changes_heads and new_heads not in choices:
+                raise ConfigMismatchError(
+                    f"num_heads={new_heads} does not fit {where}: its {heads} heads"
+                    + (f" ({kv_heads} KV heads)" if gqa else "")
+                    + f" fold into {', '.join(map(str, choices))} heads; pick one of those (--heads)")
+            group = heads // new_heads if changes_heads else 1
+            experts = self.resolved_num_experts(group)
+            if self.top_k > experts:
+                raise ConfigMismatchError(f"top_k={self.top_k} exceeds the {experts} expert(s) per head of {where}"
+                                          + (f" (folding {group} heads into each)" if self.init == "fold" else "")
+                                          + "; lower top_k (--top-k) or raise num_experts (--experts)")
+            if self.init == "fold" and experts < group:
+                raise ConfigMismatchError(f"num_experts={experts} is smaller than the {group} heads folded into each "
+                                          f"new head of {where}; use num_experts >= {group} (--experts)")
 
     def resolved_num_experts(self, group_size: int) -> int:
         """E for a site whose new heads each fold `group_size` dense heads."""

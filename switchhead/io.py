@@ -1,59 +1,57 @@
 """Save a converted model to a directory, and load it back without unpickling anything.
 
-A saved directory (format version 1) holds three files:
+A saved directory (format version 2) holds three files:
 
-    model.pt2          the converted program, a torch.export archive WITHOUT weights: every
-                       parameter, buffer and tensor constant is stored as a one-element placeholder
-    model.safetensors  the real values of those tensors (tied weights stored once, see "aliases")
+    model.graph.json   the converted module's fx graphs as data (switchhead.graph_format): the graph
+                       it already runs, stored without re-exporting it
+    model.safetensors  the values of its parameters, buffers and tensor constants (tied weights
+                       stored once, see "aliases") and its example inputs
     report.json        the conversion report plus this format's manifest ("format", "files", ...)
 
 `save` writes into a temporary sibling directory, loads the result back, checks that it computes
 exactly what the converted module computes, and only then moves it into place: a failed or
-interrupted save leaves no partial output. `load` reads the archive only after checking that it
-holds no pickled payloads (torch.export.load unpickles those), and takes every tensor value from the
-safetensors file.
+interrupted save leaves no partial output. `load` executes and unpickles nothing: operators are
+looked up by name, tensors come from the safetensors file. (Format version 1, a torch.export
+archive `model.pt2`, took most of a minute to write and tens of seconds to read on a 135M model;
+this build no longer reads it: save such a model again from its source.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
-import warnings
-import zipfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Iterator
 
 import torch
 import torch.fx
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.fx.traceback import NodeSource
 from torch.utils import _pytree as pytree
 
 from switchhead.api import REPORT_KEY
-from switchhead.capture import drop_metadata_asserts, export_dynamic
 from switchhead.device import follow_device_moves
 from switchhead.errors import SwitchHeadError
+from switchhead.graph_format import GraphFormatError, dump_module, load_module
+from switchhead.inputs import DEFAULT_MASK_KEY, accept_missing_mask, example_inputs, remember_inputs
 from switchhead.report import ConversionReport
 
 FORMAT = "switchhead-rewrite"
-FORMAT_VERSION = 1
-PROGRAM_FILE = "model.pt2"
+FORMAT_VERSION = 2
+PROGRAM_FILE = "model.graph.json"
+LEGACY_PROGRAM_FILE = "model.pt2"  # format version 1 (no longer read)
+INPUTS_PREFIX = "switchhead:example_inputs/"  # safetensors names of the example inputs (no module path has ':')
 WEIGHTS_FILE = "model.safetensors"
 METADATA_KEY = "switchhead"  # the one safetensors metadata entry: JSON of format, version, aliases
 REPORT_FILE = "report.json"
 OUTPUT_FILES = (WEIGHTS_FILE, PROGRAM_FILE, REPORT_FILE)  # in the order they are moved into place
-
-# Entries a data-only torch.export archive may hold (below its root folder). Anything else (AOTI
-# shared libraries, pickled legacy weights, ...) makes `load` refuse the file.
-_ARCHIVE_FILES = {"archive_format", "archive_version", "version", "byteorder"}
-_ARCHIVE_DIRS = (".data/", "models/", "data/weights/", "data/constants/", "data/sample_inputs/", "extra/")
-
+KNOWN_FILES = {*OUTPUT_FILES, LEGACY_PROGRAM_FILE}  # what a previous output of any version holds
 
 class SaveError(SwitchHeadError):
     """The output directory cannot be used, or the saved program does not reproduce the model."""
@@ -69,24 +67,28 @@ class LoadError(SwitchHeadError):
 def save(
     converted: torch.fx.GraphModule,
     directory: str | os.PathLike[str],
-    args: tuple[Any, ...] = (),
+    args: tuple[Any, ...] | None = None,
     kwargs: dict[str, Any] | None = None,
     report: ConversionReport | None = None,
     *,
     overwrite: bool = False,
     check: bool = True,
     extra: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Save `converted` (from switchhead.convert) to `directory`; returns the directory.
+    """Save `converted` (from switchhead.convert or switchhead.load) to `directory`; returns the directory.
 
-    args/kwargs are example inputs (those given to convert). The program is exported with dynamic
-    batch/sequence dimensions when the conversion was dynamic. `report` defaults to the one
-    convert() attached. A directory that exists is replaced only when it is a previous output (or
-    empty); any other directory is refused unless `overwrite`, and then only our three files in it
-    are replaced. `check` loads the saved files back and requires identical outputs on the example
-    inputs. `extra` adds keys to report.json.
+    The graph the module runs is stored as it is (no re-export). args/kwargs are example inputs for
+    the check and for later exports; by default the ones convert() used. `report` defaults to the
+    one convert() attached. A directory that exists is replaced only when it is empty or a previous
+    output of the same model (same attention sites and parameter count); any other directory is
+    refused unless `overwrite`, and then, when it is not ours, only our three files in it are
+    replaced. `check` loads the saved files back and requires identical outputs on the example
+    inputs. `extra` adds keys to report.json. `progress` is called with each step's name as it
+    starts ("write", "check").
     """
-    kwargs = dict(kwargs or {})
+    step = progress or (lambda name: None)
+    args, kwargs = example_inputs(converted, args, kwargs)
     if report is None:
         report = getattr(converted, "meta", {}).get(REPORT_KEY)
     target = Path(directory).expanduser().resolve()
@@ -96,42 +98,68 @@ def save(
     if state == "foreign" and not overwrite:
         raise SaveError(f"output directory {target} exists and was not written by {FORMAT}; "
                         "choose another directory or pass --force / overwrite=True")
-    program, static_reason = export_program(converted, args, kwargs,
-                                            dynamic=report.dynamic_shapes if report is not None else True)
-    device = next((str(t.device) for t in _program_tensors(program).values()), "cpu")
+    if state == "ours" and not overwrite and report is not None and not holds_same_model(target, report.to_dict()):
+        raise SaveError(f"output directory {target} holds another model's output; choose another directory "
+                        "or pass --force / overwrite=True to replace it")
+    step("write")
+    try:
+        document = dump_module(converted)
+    except GraphFormatError as exc:
+        raise SaveError(f"cannot save this module: {exc}") from None
+    tensors = _tensor_attributes(converted)
+    device = next((str(t.device) for t in tensors.values()), "cpu")
     with _staging_directory(target) as stage:
-        _write_weights(program, stage / WEIGHTS_FILE)
-        _write_program(program, stage / PROGRAM_FILE)
+        mode = _file_mode(stage)
+        _write_weights(tensors, _input_tensors(args, kwargs, document), stage / WEIGHTS_FILE)
+        _write_text(stage / PROGRAM_FILE, json.dumps(document, sort_keys=True, separators=(",", ":")) + "\n")
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "files": {"program": PROGRAM_FILE, "weights": WEIGHTS_FILE},
             "sha256": {name: _sha256(stage / name) for name in (PROGRAM_FILE, WEIGHTS_FILE)},
-            "program_dynamic_shapes": static_reason is None,
-            "program_static_reason": static_reason,
+            "program_dynamic_shapes": report.dynamic_shapes if report is not None else None,
+            "program_static_reason": report.static_reason if report is not None else None,
             "device": device,
             "example_inputs": describe_inputs(args, kwargs),
+            "default_attention_mask": bool(converted.meta.get(DEFAULT_MASK_KEY, False)),
         }
         body = {**(report.to_dict() if report is not None else {}), **(extra or {}), **manifest}
         _write_text(stage / REPORT_FILE, json.dumps(body, indent=2, sort_keys=True) + "\n")
+        for name in OUTPUT_FILES:
+            os.chmod(stage / name, mode)
+        os.chmod(stage, mode | (mode & 0o444) >> 2)  # mkdtemp made it private; as a new folder would be
         if check:
-            check_round_trip(converted, load(stage), args, kwargs)
+            step("check")
+            check_round_trip(converted, _load(stage, None, checksums=False), args, kwargs)  # just hashed
         _commit(stage, target, state)
     return target
 
 
-def export_program(
-    converted: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, dynamic: bool = True
-) -> tuple[torch.export.ExportedProgram, str | None]:
-    """Re-export a converted module (its switchhead ops have fake kernels) with its batch and
-    sequence dims dynamic when `dynamic` (`capture.export_dynamic`: size-1 example dims are widened,
-    so a batch-1 example still saves a model that takes other batch sizes), else static.
+def holds_same_model(directory: Path, report: dict[str, Any]) -> bool:
+    """Whether the output in `directory` was converted from the same model as `report` describes:
+    the same parameter count and the same attention sites (path, type, heads, head size, width)."""
+    try:
+        saved = json.loads((directory / REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return _model_identity(saved) == _model_identity(report)
 
-    Returns the program and, when it is static, why (None when it is dynamic)."""
-    if not dynamic:
-        return torch.export.export(converted, args, kwargs, strict=False), "the conversion was static"
-    exported = export_dynamic(converted, args, kwargs)
-    return exported.program, exported.static_reason
+
+def _model_identity(report: dict[str, Any]) -> Any:
+    keys = ("path", "module_type", "num_heads", "num_kv_heads", "head_dim", "embed_dim")
+    sites = report.get("sites") if isinstance(report.get("sites"), list) else []
+    return report.get("parameters_before"), [[site.get(k) for k in keys] for site in sites if isinstance(site, dict)]
+
+
+def _file_mode(folder: Path) -> int:
+    """The mode a new file gets under the process's umask (read off a probe file, without changing
+    the umask, which is process-wide)."""
+    probe = folder / ".mode"
+    with open(probe, "w"):
+        pass
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    return mode
 
 
 def describe_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -178,7 +206,7 @@ def output_state(directory: str | os.PathLike[str]) -> str:
     entries = {p.name for p in path.iterdir()}
     if not entries:
         return "empty"
-    if entries <= set(OUTPUT_FILES) and REPORT_FILE in entries:
+    if entries <= KNOWN_FILES and REPORT_FILE in entries:
         with contextlib.suppress(OSError, ValueError):
             if json.loads((path / REPORT_FILE).read_text()).get("format") == FORMAT:
                 return "ours"
@@ -222,29 +250,20 @@ def _write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _program_tensors(program: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
-    tensors = dict(program.state_dict)
-    for name, value in program.constants.items():
-        if not isinstance(value, torch.Tensor):
-            raise SaveError(f"cannot save constant {name} of type {type(value).__name__}: only tensors are supported")
-        tensors[name] = value
-    return tensors
-
-
 def _storage_key(t: torch.Tensor) -> tuple[Any, ...] | None:
     if t.numel() == 0 or t.device.type == "meta":
         return None
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
-def _write_weights(program: torch.export.ExportedProgram, path: Path) -> None:
-    """Every tensor of the program into safetensors; a tensor tied to an earlier one is stored once
-    and recorded in the metadata's "aliases" (name -> stored name)."""
+def _write_weights(tensors: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor], path: Path) -> None:
+    """Every tensor into safetensors; a tensor tied to an earlier one is stored once and recorded in
+    the metadata's "aliases" (name -> stored name)."""
     stored: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first_of: dict[tuple[Any, ...], str] = {}
     storages: set[tuple[Any, int]] = set()
-    for name, tensor in _program_tensors(program).items():
+    for name, tensor in {**tensors, **inputs}.items():
         key = _storage_key(tensor)
         if key is not None and key in first_of:
             aliases[name] = first_of[key]
@@ -263,69 +282,21 @@ def _write_weights(program: torch.export.ExportedProgram, path: Path) -> None:
     save_file(stored, str(path), metadata={METADATA_KEY: json.dumps(header, sort_keys=True)})
 
 
-def _write_program(program: torch.export.ExportedProgram, path: Path) -> None:
-    """The archive without weights or example inputs: each tensor becomes a one-element placeholder
-    broadcast to its shape (same dtype, shape and requires_grad), filled in by `load`."""
-    tensors = _program_tensors(program)
-    placeholders = {}
-    for name, tensor in tensors.items():
-        hollow = torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)
-        if isinstance(tensor, torch.nn.Parameter):
-            hollow = torch.nn.Parameter(hollow, requires_grad=tensor.requires_grad)
-        placeholders[name] = hollow
-    originals = dict(program.state_dict), dict(program.constants), program.example_inputs
-    try:
-        for name in program.state_dict:
-            program.state_dict[name] = placeholders[name]
-        for name in program.constants:
-            program.constants[name] = placeholders[name]
-        program.example_inputs = None
-        with warnings.catch_warnings(), _stable_provenance(program):
-            # the placeholders do not cover a whole storage, by design
-            warnings.filterwarnings("ignore", message="No complete tensor found in the group")
-            torch.export.save(program, str(path))
-    finally:
-        program.state_dict.update(originals[0])
-        program.constants.update(originals[1])
-        program.example_inputs = originals[2]
-
-
-@contextlib.contextmanager
-def _stable_provenance(program: torch.export.ExportedProgram) -> Iterator[None]:
-    """While the program is written, its nodes' provenance (`from_node`) names graphs by order of
-    first appearance. torch records id() of each Python graph there, different on every run: the
-    archive's bytes, and its `.data/serialization_id` (a checksum of them), would differ too."""
-    numbers: dict[int, int] = {}
-    originals = []
-    for module in program.graph_module.modules():
-        if not isinstance(module, torch.fx.GraphModule):
-            continue
-        for node in module.graph.nodes:
-            sources = node.meta.get("from_node")
-            if sources:
-                originals.append((node, sources))
-                node.meta["from_node"] = [NodeSource._from_dict(_renumbered(s.to_dict(), numbers))
-                                          if isinstance(s, NodeSource) else s for s in sources]
-    try:
-        yield
-    finally:
-        for node, sources in originals:
-            node.meta["from_node"] = sources
-
-
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")  # in repr() of a function: differs per process
-
-
-def _renumbered(record: dict[str, Any], numbers: dict[int, int]) -> dict[str, Any]:
-    """A serialized NodeSource with each graph id replaced by its number in `numbers` (grown as met),
-    and a Python function target's repr without its address ("<function router_logits at 0x7f..>")."""
-    graph_id = record.get("graph_id", -1)
-    if graph_id != -1:  # -1: no graph recorded
-        graph_id = numbers.setdefault(graph_id, len(numbers))
-    record = {**record, "graph_id": graph_id, "from_node": [_renumbered(r, numbers) for r in record.get("from_node") or []]}
-    if isinstance(record.get("target"), str):
-        record["target"] = _ADDRESS.sub(">", record["target"])
-    return record
+def _input_tensors(args: tuple[Any, ...], kwargs: dict[str, Any], document: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The example inputs' tensors by safetensors name; their structure (and plain values) go into
+    `document["example_inputs"]`, left out when a leaf is neither a tensor nor a JSON scalar."""
+    leaves, spec = pytree.tree_flatten((list(args), dict(kwargs)))
+    tensors, encoded = {}, []
+    for index, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            tensors[f"{INPUTS_PREFIX}{index}"] = leaf
+            encoded.append({"tensor": f"{INPUTS_PREFIX}{index}"})
+        elif leaf is None or isinstance(leaf, (bool, int, float, str)):
+            encoded.append({"value": leaf})
+        else:
+            return {}
+    document["example_inputs"] = {"spec": pytree.treespec_dumps(spec), "leaves": encoded}
+    return tensors
 
 
 # ----------------------------------------------------------------------------------------- load
@@ -335,29 +306,49 @@ def load(directory: str | os.PathLike[str], *, device: str | torch.device | None
     """The module saved in `directory` by `save` (or the command line), ready to run and train.
 
     Its tensors come from model.safetensors, onto `device` (default: the device it was saved
-    from; the program may have that device baked into some of its ops); the program archive is
-    read only after checking that it holds no pickled data. `switchhead.report_of(module)` gives
-    the saved report.
+    from; the program may have that device baked into some of its ops); nothing is unpickled or
+    executed. `switchhead.report_of(module)` gives the saved report; the module remembers its
+    example inputs, so saving or exporting it again needs none.
     """
-    root = Path(directory)
+    return _load(Path(directory), device, checksums=True)
+
+
+def _load(root: Path, device: str | torch.device | None, checksums: bool) -> torch.fx.GraphModule:
     manifest = read_manifest(root)
-    program_path = root / manifest["files"]["program"]
-    check_archive_is_data_only(program_path)
-    check_checksums(root, manifest)
+    program_path = root / PROGRAM_FILE
+    if checksums:
+        check_checksums(root, manifest)
+    tensors = _read_weights(root / WEIGHTS_FILE, device or manifest.get("device", "cpu"))
+    inputs = {name: tensors.pop(name) for name in [n for n in tensors if n.startswith(INPUTS_PREFIX)]}
     try:
-        with warnings.catch_warnings():  # torch 2.11 warns that the (read-only) placeholders are not writable
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            program = torch.export.load(str(program_path))
-    except Exception as exc:
-        raise LoadError(f"{program_path} cannot be read by torch {torch.__version__}: {type(exc).__name__}: {exc}") from exc
-    module = program.module()
-    tensors = _read_weights(root / manifest["files"]["weights"], device or manifest.get("device", "cpu"))
-    _install_tensors(module, tensors, program_path)
-    fields = {name: manifest[name] for name in ConversionReport.__dataclass_fields__ if name in manifest}
-    if len(fields) == len(ConversionReport.__dataclass_fields__):
-        module.meta[REPORT_KEY] = ConversionReport(**fields)
-    # saving re-exported the graph, which pinned capture-time dtypes again (see drop_metadata_asserts)
-    return follow_device_moves(drop_metadata_asserts(module))
+        document = json.loads(program_path.read_text(encoding="utf-8"))
+        module = load_module(document, tensors)
+        if "example_inputs" in document:
+            remember_inputs(module, *_decoded_inputs(document["example_inputs"], inputs))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # bad JSON, GraphFormatError, a damaged document
+        raise LoadError(f"{program_path} cannot be rebuilt: {type(exc).__name__}: "
+                        f"{(str(exc).splitlines() or [''])[0]}") from None
+    if manifest.get("default_attention_mask"):
+        accept_missing_mask(module)
+    required = [f.name for f in dataclasses.fields(ConversionReport)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if all(name in manifest for name in required):
+        module.meta[REPORT_KEY] = ConversionReport(**{f.name: manifest[f.name] for f in dataclasses.fields(ConversionReport)
+                                                      if f.name in manifest})
+    return follow_device_moves(module)
+
+
+def _decoded_inputs(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    leaves = []
+    for leaf in entry["leaves"]:
+        if "tensor" in leaf:
+            if leaf["tensor"] not in tensors:
+                raise LoadError(f"the saved example inputs name a missing tensor {leaf['tensor']}")
+            leaves.append(tensors[leaf["tensor"]])
+        else:
+            leaves.append(leaf["value"])
+    args, kwargs = pytree.tree_unflatten(leaves, pytree.treespec_loads(entry["spec"]))
+    return tuple(args), kwargs
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
@@ -374,7 +365,8 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise LoadError(f"{report} was not written by {FORMAT}")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise LoadError(f"{root} has format version {manifest.get('format_version')}; this build reads {FORMAT_VERSION}")
+        raise LoadError(f"{root} has format version {manifest.get('format_version')}; this build reads {FORMAT_VERSION}"
+                        + (" (version 1 is no longer read: save the model again)" if manifest.get("format_version") == 1 else ""))
     files = manifest.get("files")
     if not isinstance(files, dict) or {files.get("program"), files.get("weights")} != {PROGRAM_FILE, WEIGHTS_FILE}:
         raise LoadError(f"{report} does not name the program and weights files")
@@ -402,39 +394,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_archive_is_data_only(path: Path) -> None:
-    """Refuse a .pt2 archive that torch.export.load would unpickle anything from (pickled weights or
-    constants, custom objects, example inputs) or that carries compiled code."""
-    try:
-        archive = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise LoadError(f"{path} is not a torch.export archive: {exc}") from None
-    with archive:
-        for info in archive.infolist():
-            inner = info.filename.split("/", 1)[1] if "/" in info.filename else info.filename
-            if info.is_dir() or inner in _ARCHIVE_FILES:
-                continue
-            if not inner.startswith(_ARCHIVE_DIRS):
-                raise LoadError(f"{path} holds {inner!r}, which a weights-free program never contains; refusing to load it")
-            if inner.startswith("data/sample_inputs/") and info.file_size:
-                raise LoadError(f"{path} holds pickled example inputs; refusing to load it")
-            if inner.startswith(("data/weights/", "data/constants/")) and inner.endswith(".pt") and info.file_size:
-                raise LoadError(f"{path} holds pickled tensors ({inner}); refusing to load it")
-            if inner.startswith(("data/weights/", "data/constants/")) and inner.endswith(".json"):
-                _check_payload_config(path, inner, archive.read(info))
-
-
-def _check_payload_config(path: Path, name: str, raw: bytes) -> None:
-    try:
-        config = json.loads(raw).get("config", {})
-    except (ValueError, AttributeError):
-        raise LoadError(f"{path}: {name} is not a payload config") from None
-    for fqn, meta in config.items():
-        pickled = meta.get("use_pickle", True) or not str(meta.get("path_name", "")).startswith(("weight_", "tensor_"))
-        if pickled:
-            raise LoadError(f"{path}: {fqn} is stored as a pickled object; refusing to load it")
-
-
 def _read_weights(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
@@ -453,30 +412,6 @@ def _read_weights(path: Path, device: str | torch.device) -> dict[str, torch.Ten
             raise LoadError(f"{path}: alias {alias} names a missing tensor {name}")
         tensors[alias] = tensors[name]
     return tensors
-
-
-def _install_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor], program_path: Path) -> None:
-    """Replace every placeholder of the loaded program by its safetensors value, keeping parameters
-    parameters (same requires_grad) and tied names tied."""
-    expected = _tensor_attributes(module)
-    if set(expected) != set(tensors):
-        missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        raise LoadError(f"{program_path} and its weights disagree (missing {missing[:3]}, unknown {unknown[:3]})")
-    made: dict[int, torch.Tensor] = {}
-    for name, placeholder in expected.items():
-        value = tensors[name]
-        if value.shape != placeholder.shape or value.dtype != placeholder.dtype:
-            raise LoadError(f"weight {name} is {value.dtype}{list(value.shape)}, the program expects "
-                            f"{placeholder.dtype}{list(placeholder.shape)}")
-        owner_path, _, attr = name.rpartition(".")
-        owner = module.get_submodule(owner_path)
-        if isinstance(placeholder, torch.nn.Parameter):
-            value = made.setdefault(id(value), torch.nn.Parameter(value, requires_grad=placeholder.requires_grad))
-            owner._parameters[attr] = value
-        elif attr in owner._buffers:
-            owner._buffers[attr] = value
-        else:
-            setattr(owner, attr, value)
 
 
 def _tensor_attributes(module: torch.nn.Module) -> dict[str, torch.Tensor]:

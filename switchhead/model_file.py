@@ -33,8 +33,8 @@ from typing import Any, Iterator
 
 import torch
 
-from switchhead.capture import resolve_example_inputs
 from switchhead.errors import MissingInputsError, SwitchHeadError
+from switchhead.inputs import resolve_inputs
 
 MODEL_NAMES = ("model", "build_model")
 INPUT_NAMES = ("example_inputs",)
@@ -52,6 +52,7 @@ class ModelFile:
     model: torch.nn.Module
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    mask_added: bool = False  # the model's own dummy_inputs got an all-ones attention_mask
 
 
 def load_model_file(path: str | Path, entry: str | None = None, inputs: str | None = None) -> ModelFile:
@@ -60,8 +61,8 @@ def load_model_file(path: str | Path, entry: str | None = None, inputs: str | No
     with _on_sys_path(path.resolve().parent):
         module = import_file(path)
         model = _model_of(module, path, entry)
-        args, kwargs = _inputs_of(module, path, inputs, model)
-    return ModelFile(path, module, model, args, kwargs)
+        args, kwargs, mask_added = _inputs_of(module, path, inputs, model)
+    return ModelFile(path, module, model, args, kwargs, mask_added)
 
 
 def load_tokenizer(loaded: ModelFile) -> Any | None:
@@ -184,14 +185,14 @@ def _model_of(module: types.ModuleType, path: Path, entry: str | None) -> torch.
 
 
 def _inputs_of(module: types.ModuleType, path: Path, inputs: str | None,
-               model: torch.nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
+               model: torch.nn.Module) -> tuple[tuple[Any, ...], dict[str, Any], bool]:
     names = (inputs,) if inputs else INPUT_NAMES
     found = [n for n in names if hasattr(module, n)]
     if not found:
         if inputs:
             raise ModelFileError(f"{path.name} has no `{inputs}` (given by --inputs)")
         try:  # the model may describe its own inputs
-            return resolve_example_inputs(model, None, None)
+            return resolve_inputs(model)
         except MissingInputsError:
             raise ModelFileError(
                 f"{path.name} defines no `example_inputs`: add one (a tuple of positional inputs, a dict of "
@@ -202,7 +203,7 @@ def _inputs_of(module: types.ModuleType, path: Path, inputs: str | None,
     if callable(value) and not isinstance(value, torch.Tensor):
         value = _call_user(value, f"{path.name}: {name}()", path)
         name = f"{name}()"
-    return split_inputs(value, f"{path.name}: `{name}`")
+    return (*split_inputs(value, f"{path.name}: `{name}`"), False)
 
 
 def split_inputs(value: Any, what: str) -> tuple[tuple[Any, ...], dict[str, Any]]:

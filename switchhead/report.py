@@ -24,8 +24,8 @@ class ConversionReport:
     dynamic_shapes: bool
     static_reason: str | None
     rewrites: int
-    verify_max_error: float | None
-    verify_rtol: float | None  # the limit verification applied (None: not checked)
+    verify_max_error: float | None  # max |a-b| / max |a| on the example inputs (shown, not checked)
+    verify_rtol: float | None  # the limit verification applied to verify_error (None: not checked)
     parameters_before: int
     parameters_after: int
     versions: dict[str, str]
@@ -34,6 +34,7 @@ class ConversionReport:
     # input name -> its dims that are dynamic in the converted graph (others are fixed at the example's)
     dynamic_dims: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     widened: list[str] = dataclasses.field(default_factory=list)  # size-1 example dims captured at 2
+    verify_error: float | None = None  # ||a-b|| / ||a||, what verification checks (None: not checked)
 
     @classmethod
     def build(cls, sites: list[AttentionSite], skipped: list[SkippedSite], plans: list, **fields: Any) -> "ConversionReport":
@@ -58,11 +59,11 @@ class ConversionReport:
                                       kv_bytes=site["kv_bytes"])
                 for site in self.sites]
 
-    def cost_table(self, seq_len: int) -> list[tuple[str, str, str, str]]:
+    def cost_table(self, seq_len: int) -> "CostTable":
         """Rows (label, before, after, after/before) over all sites, for the report and the CLI: the
-        heads and head size of each side first, then the costs."""
+        heads and head size of each side first, then the costs. `print()` it for an aligned table."""
         per_site = self.site_costs(seq_len)
-        return [_geometry_row(per_site), *accounting.format_table(*accounting.totals(per_site))]
+        return CostTable([_geometry_row(per_site), *accounting.format_table(*accounting.totals(per_site))])
 
     def cost_summary(self, seq_len: int) -> dict[str, Any]:
         per_site = self.site_costs(seq_len)
@@ -81,6 +82,20 @@ class ConversionReport:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+class CostTable(list):
+    """A list of (label, dense, SwitchHead, after/before) rows that prints as an aligned text table."""
+
+    HEADER = ("", "dense", "SwitchHead", "after/before")
+
+    def __str__(self) -> str:
+        rows = [self.HEADER, *self]
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(self.HEADER))]
+        lines = [f"{row[0]:<{widths[0]}}  " + "  ".join(f"{row[i]:>{widths[i]}}" for i in range(1, len(row)))
+                 for row in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        return "\n".join(line.rstrip() for line in lines)
 
 
 def _geometry_row(per_site: list[accounting.SiteCosts]) -> tuple[str, str, str, str]:

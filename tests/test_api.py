@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import switchhead
+from switchhead.api import default_rtol
 from zoo import NanoGPT, ZOO_BY_NAME
 
 
@@ -23,13 +24,18 @@ def test_convert_without_inputs_uses_example_inputs_method():
         assert switchhead.max_relative_error(model(ids), new(ids)) <= 1e-5
 
 
-def test_convert_without_inputs_uses_hugging_face_dummy_inputs():
+def test_convert_without_inputs_uses_hugging_face_dummy_inputs_and_a_mask():
+    """dummy_inputs holds only input_ids; the result also takes the attention_mask a tokenizer gives."""
     model = ZOO_BY_NAME["hf_bert"].build()
     new = switchhead.convert(model)
-    assert switchhead.report_of(new).verify_max_error <= 1e-5
+    assert switchhead.report_of(new).verify_error <= 1e-5
     ids = torch.randint(0, 99, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
     with torch.no_grad():
         assert switchhead.max_relative_error(model(input_ids=ids), new(input_ids=ids)) <= 1e-5
+        want, got = model(input_ids=ids, attention_mask=mask), new(input_ids=ids, attention_mask=mask)
+    assert switchhead.max_relative_error(want, got) <= 1e-5
+    assert not torch.allclose(got.last_hidden_state, new(input_ids=ids).last_hidden_state)  # the mask is used
 
 
 def test_convert_without_inputs_on_a_plain_module_says_what_to_pass():
@@ -47,6 +53,40 @@ def test_verification_rejects_a_mismatch():
     config = switchhead.SwitchHeadConfig(verify_rtol=1e-12)  # rounding alone exceeds this
     with pytest.raises(switchhead.VerificationError, match="differs from the original"):
         switchhead.convert(case.build(), *case.example_inputs(), config=config)
+
+
+def test_verification_limit_separates_rounding_from_a_misread_head():
+    """The limit grows with depth as rounding does (sqrt), while a misread head (here: two heads'
+    output experts swapped) is far above it, and the error says what happened."""
+    case = ZOO_BY_NAME["hf_llama_gqa"]
+    model = case.build()
+    args, kwargs = case.example_inputs()
+    new = switchhead.convert(model, args, kwargs)
+    report = switchhead.report_of(new)
+    assert report.verify_rtol == pytest.approx(1e-5 * 2 ** 0.5)  # two attention layers
+    assert report.verify_error <= report.verify_rtol
+    assert default_rtol(torch.ones(2), 30) == pytest.approx(1e-5 * 30 ** 0.5)
+    assert default_rtol(torch.ones(2, dtype=torch.bfloat16), 4) == pytest.approx(4 * torch.finfo(torch.bfloat16).eps)
+    experts = new.get_parameter("model.layers.1.self_attn.o_experts")
+    with torch.no_grad():
+        experts[[0, 1]] = experts[[1, 0]].clone()
+        misread = switchhead.relative_error(model(*args, **kwargs), new(*args, **kwargs))
+    assert misread > 100 * report.verify_rtol
+
+
+def test_verification_error_names_rounding_and_depth():
+    case = ZOO_BY_NAME["nanogpt"]
+    config = switchhead.SwitchHeadConfig(verify_rtol=1e-12)
+    with pytest.raises(switchhead.VerificationError, match=r"\(\|\|a-b\|\|/\|\|a\|\|\), above the 1e-12 that rounding "
+                                                       r"in float32 over 2 attention layer\(s\) explains"):
+        switchhead.convert(case.build(), *case.example_inputs(), config=config)
+
+
+def test_relative_error_is_a_ratio_of_norms():
+    a = torch.tensor([3.0, 4.0, 0.0])
+    assert switchhead.relative_error(a, a + torch.tensor([0.0, 0.0, 0.5])) == pytest.approx(0.1)
+    assert switchhead.relative_error({"x": a}, {"x": a}) == 0.0
+    assert switchhead.relative_error(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 0.0])) == float("inf")
 
 
 def test_max_relative_error_rejects_different_structures():

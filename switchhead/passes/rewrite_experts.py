@@ -201,6 +201,13 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x.float(), weight.float())
 
 
+def router_logits_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """router_logits for graphs that never run under autocast (ONNX has none): the same fp32 linear
+    without the autocast-off regions, which torch.export turns into two subgraphs per router and
+    then takes most of its time splitting (about 45 s of a 60 s export of a 30-layer model)."""
+    return torch.nn.functional.linear(x.float(), weight.float())
+
+
 def _router(graph: torch.fx.Graph, x2: torch.fx.Node, router_name: str, heads: int, num_experts: int, top_k: int):
     """fp32 logits [N, heads*E] -> top-k per head by comparisons (kernels/select.py) -> (expert index
     [N, heads, k], gates [N, heads, k])."""

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+import switchhead.api
 import switchhead.io
 from switchhead.cli import ExitCode
 
+TINY_MODEL = (Path(__file__).parent / "tiny_model.py").read_text()
 NO_ATTENTION_MODEL = """
 import torch
 model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -156,7 +158,7 @@ def test_foreign_output_directory_is_refused_unless_forced(run_cli, write_model,
 
     result = run_cli(write_model(), "-o", out, "--force", "--quiet")
     assert result.exit_code == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["model.pt2", "model.safetensors", "notes.txt", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.graph.json", "model.safetensors", "notes.txt", "report.json"]
     assert (out / "notes.txt").read_text() == "mine"
     assert leftovers(tmp_path) == []
 
@@ -186,7 +188,7 @@ def test_interrupted_save_keeps_the_previous_output(run_cli, write_model, tmp_pa
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(switchhead.io, "_write_program", interrupt)
+    monkeypatch.setattr(switchhead.io, "_write_text", interrupt)
     assert_failed(run_cli(write_model(), "-o", out, "--experts", "8"), ExitCode.INTERRUPTED, "interrupted")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert leftovers(tmp_path) == []
@@ -205,11 +207,41 @@ def test_heads_without_fold_or_random_is_a_usage_error(run_cli, write_model, tmp
     assert not (tmp_path / "out").exists()
 
 
-def test_heads_the_model_cannot_fold_to_is_a_usage_error(run_cli, tmp_path):
+def test_heads_the_model_cannot_fold_to_is_a_usage_error(run_cli, tmp_path, monkeypatch):
+    """Refused from the attention found, before any rewrite, with the head counts that would work."""
+    def no_rewrite(*args, **kwargs):
+        raise AssertionError("the options were not checked before the rewrite")
+
+    monkeypatch.setattr(switchhead.api, "rewrite_experts", no_rewrite)
     examples = Path(__file__).parents[2] / "examples"
     result = run_cli(examples / "llama_small.py", "--init", "fold", "--heads", "3", "-o", tmp_path / "out")
-    assert_failed(result, ExitCode.USAGE, "cannot fold the heads of model.layers.0.self_attn")
+    assert_failed(result, ExitCode.USAGE, "num_heads=3 does not fit model.layers.0.self_attn (and 1 more like it)",
+                  "its 4 heads (2 KV heads) fold into 2, 4 heads")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (("--heads", "3"), "num_heads=3 does not fit first (and 1 more like it): its 2 heads fold into 1, 2 heads"),
+    (("--heads", "1", "--experts", "1", "--top-k", "1"), "num_experts=1 is smaller than the 2 heads folded into each"),
+])
+def test_dry_run_checks_fold_options(run_cli, write_model, options, message):
+    assert_failed(run_cli(write_model(), "--dry-run", "--init", "fold", *options), ExitCode.USAGE, message)
+
+
+def test_fold_without_heads_asks_for_heads_before_loading(run_cli, write_model):
+    model = write_model("raise SystemExit('the model file must not be loaded')\n")
+    for mode in (("--dry-run",), ()):
+        assert_failed(run_cli(model, "--init", "fold", *mode), ExitCode.USAGE, "init='fold' needs num_heads (--heads)")
+
+
+def test_output_of_another_model_is_refused_unless_forced(run_cli, write_model, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli(write_model(), "-o", out, "-q").exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    other = write_model(TINY_MODEL.replace("VOCAB, WIDTH, HEADS = 32, 16, 2", "VOCAB, WIDTH, HEADS = 32, 16, 4"), "other.py")
+    assert_failed(run_cli(other, "-o", out), ExitCode.OUTPUT, "holds the output of another model", "--force")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert run_cli(other, "-o", out, "-q", "--force").exit_code == 0
 
 
 def test_onnx_inline_without_onnx_is_a_usage_error(run_cli, write_model, tmp_path):

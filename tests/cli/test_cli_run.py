@@ -31,7 +31,7 @@ def test_example_converts_saves_and_loads(run_cli, tmp_path, name):
     out = tmp_path / "out"
     result = run_cli(EXAMPLES / f"{name}.py", "--quiet", "--output", out)
     assert result.exit_code == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["model.pt2", "model.safetensors", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.graph.json", "model.safetensors", "report.json"]
 
     torch.manual_seed(0)  # the command seeds the model file with --seed (default 0)
     original = load_model_file(EXAMPLES / f"{name}.py")
@@ -165,3 +165,28 @@ def test_onnx_export_from_the_command_line(run_cli, write_model, tmp_path):
     assert onnx_file.exists() and not exported["inline"]
     assert sum(exported["custom_nodes"].values()) == 4  # 2 attentions x (V, O)
     assert exported["verify_errors"] and max(exported["verify_errors"].values()) < 1e-4
+
+
+HF_WITHOUT_INPUTS = """
+import torch
+from transformers import BertConfig, BertModel
+torch.manual_seed(0)
+model = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                             intermediate_size=37)).eval()
+"""
+
+
+def test_model_file_without_inputs_takes_the_mask_or_none(run_cli, write_model, tmp_path):
+    """No example_inputs in the file: the model's dummy_inputs plus an all-ones mask; the saved model
+    takes a tokenizer's input_ids with or without attention_mask."""
+    out = tmp_path / "out"
+    result = run_cli(write_model(HF_WITHOUT_INPUTS), "-o", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    loaded = switchhead.load(out)
+    ids = torch.randint(0, 99, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    with torch.no_grad():
+        alone, ones = loaded(input_ids=ids), loaded(input_ids=ids, attention_mask=torch.ones_like(ids))
+        padded = loaded(input_ids=ids, attention_mask=mask)
+    assert torch.equal(alone.last_hidden_state, ones.last_hidden_state)
+    assert not torch.allclose(padded.last_hidden_state, ones.last_hidden_state)

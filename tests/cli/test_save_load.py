@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import pickle
-import zipfile
+import stat
 
 import pytest
 import torch
@@ -61,19 +64,43 @@ def test_load_never_unpickles(saved, monkeypatch):
     load(saved)
 
 
-def test_load_refuses_an_archive_with_pickled_inputs(converted, saved):
+def test_save_needs_no_inputs_and_never_re_exports(converted, tmp_path, monkeypatch):
+    """The converted module remembers its example inputs, and its graph is stored as it is."""
     _, new, args = converted
-    torch.export.save(torch.export.export(new, args, strict=False), saved / "model.pt2")  # keeps example inputs
-    with pytest.raises(LoadError, match="pickled example inputs"):
-        load(saved)
+
+    def refuse(*a, **k):
+        raise AssertionError("save() must not call torch.export")
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    first = save(new, tmp_path / "a")
+    loaded = load(first)
+    again = load(save(loaded, tmp_path / "b"))  # a loaded module remembers them too
+    other = (tiny_model.tokens(3, 9),)
+    with torch.no_grad():
+        assert torch.equal(again(*other), new(*other))
 
 
-def test_load_refuses_an_archive_carrying_code(saved):
-    program = saved / "model.pt2"
-    with zipfile.ZipFile(program, "a") as archive:
-        root = archive.namelist()[0].split("/")[0]
-        archive.writestr(f"{root}/data/aotinductor/model/model.so", b"\x7fELF")
-    with pytest.raises(LoadError, match="refusing to load"):
+def _edit_graph(directory, edit):
+    """Edit the saved graph document and record its new checksum (what a forger would do)."""
+    path = directory / "model.graph.json"
+    document = json.loads(path.read_text())
+    edit(document)
+    path.write_text(json.dumps(document))
+    report = json.loads((directory / "report.json").read_text())
+    report["sha256"]["model.graph.json"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (directory / "report.json").write_text(json.dumps(report))
+
+
+@pytest.mark.parametrize("forged", ["posix:system", "torch.serialization:os.system", "torch:sym_int.__globals__",
+                                    "builtins:eval"])
+def test_load_refuses_a_graph_calling_other_python_functions(saved, forged, tmp_path):
+    def redirect(document):
+        root = document["graphs"][-1]
+        node = next(n for n in root["nodes"] if isinstance(n["target"], dict) and "fn" in n["target"])
+        node["target"] = {"fn": forged}
+
+    _edit_graph(saved, redirect)
+    with pytest.raises(LoadError, match="refusing it|cannot find"):
         load(saved)
 
 
@@ -102,3 +129,40 @@ def test_save_checks_the_round_trip(converted, tmp_path, monkeypatch):
     with pytest.raises(SaveError, match="differs"):
         save(new, tmp_path / "out", args)
     assert not (tmp_path / "out").exists()
+
+
+def test_saved_files_get_the_umask_mode(converted, tmp_path):
+    _, new, _ = converted
+    old = os.umask(0o022)
+    try:
+        out = save(new, tmp_path / "out")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes == {"model.graph.json": 0o644, "model.safetensors": 0o644, "report.json": 0o644}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+
+
+def test_save_refuses_to_replace_another_models_output(converted, tmp_path):
+    _, new, _ = converted
+    save(new, tmp_path / "out")
+    save(new, tmp_path / "out")  # the same model again: replaced
+    torch.manual_seed(1)
+    other_model = nn_other()
+    other = switchhead.convert(other_model, (torch.randn(2, 5, 12),))
+    with pytest.raises(SaveError, match="another model's output"):
+        save(other, tmp_path / "out")
+    save(other, tmp_path / "out", overwrite=True)
+    assert switchhead.report_of(load(tmp_path / "out")).parameters_before == sum(p.numel() for p in other_model.parameters())
+
+
+def nn_other() -> torch.nn.Module:
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(12, 3, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    return Encoder().eval()

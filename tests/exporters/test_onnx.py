@@ -202,7 +202,8 @@ def test_custom_and_inline_forms_optimise_to_the_same_graph(tmp_path):
     module = _Experts().eval()
     graphs = []
     for inline in (False, True):
-        result = export_onnx(module, tmp_path / f"{inline}.onnx", _routing(19), inline=inline, verify=False)
+        result = export_onnx(module, tmp_path / f"{inline}.onnx", _routing(19), inline=inline, verify=False,
+                             optimize=True)  # the same exporter passes on both forms
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # portable (no NCHWc)
         options.optimized_model_filepath = str(tmp_path / f"{inline}.opt.onnx")
@@ -255,3 +256,13 @@ def test_a_forced_expert_impl_exports_the_same_custom_ops(tmp_path):
     result = export_onnx(module, tmp_path / "model.onnx", *case.example_inputs())
     assert result.custom_nodes.get(onnx_ops.EXPERT_O) == case.sites
     _assert_verified(result)
+
+
+def test_converted_module_exports_without_inputs_and_says_what_it_does(tmp_path):
+    """The converted module's own example inputs are used, and each stage is announced."""
+    _, module = converted("nanogpt")
+    stages: list[str] = []
+    result = export_onnx(module, tmp_path / "m.onnx", progress=stages.append)
+    _assert_verified(result)
+    assert stages[0] == "capturing with torch.export" and stages[-1] == "running it in onnxruntime against PyTorch"
+    assert any(getattr(node.target, "__name__", None) == "router_logits" for node in module.graph.nodes)  # unchanged

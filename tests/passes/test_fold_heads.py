@@ -98,11 +98,11 @@ def test_fold_qk_first_uses_the_first_head_of_each_group():
     assert torch.equal(folded[:12], dense[:12]) and torch.equal(folded[12:24], dense[24:36])
 
 
-@pytest.mark.parametrize("heads,message", [(4, "6 heads cannot be folded into 4"), (3, "must be a multiple of 2"),
-                                           (1, "must be a multiple of 2")])
-def test_impossible_folds_name_the_site(heads, message):
+@pytest.mark.parametrize("heads", [4, 3, 1])  # not a divisor of 6; not a multiple of the 2 KV heads
+def test_impossible_folds_name_the_site_and_the_counts_that_fit(heads):
     case = ZOO_BY_NAME["hf_llama_gqa"]
-    with pytest.raises(switchhead.SwitchHeadError, match=f"cannot fold the heads of model.layers.0.self_attn: .*{message}"):
+    with pytest.raises(switchhead.ConfigMismatchError, match=rf"num_heads={heads} does not fit model.layers.0.self_attn "
+                                                            r"\(and 1 more like it\): its 6 heads \(2 KV heads\) fold into 2, 6 heads"):
         _fold(case, heads)
 
 

@@ -2,7 +2,7 @@
 byte for byte, whatever the global RNG state, in this process and in fresh processes (other hash
 seeds), through the API and the command line.
 
-Every saved file (model.pt2, model.safetensors, report.json) is compared byte for byte; only the
+Every saved file (model.graph.json, model.safetensors, report.json) is compared byte for byte; only the
 command line's report.json has one field that differs by nature, "timings_s" (wall-clock step
 times), and is compared without it."""
 

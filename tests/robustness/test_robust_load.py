@@ -4,12 +4,11 @@ crafted to run code when unpickled. Every case edits a real saved directory."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import pickle
 import shutil
 import struct
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -54,15 +53,6 @@ def _load_fails(directory: Path, match: str | None = None):
         switchhead.load(directory)
     assert str(info.value).strip()
     return str(info.value)
-
-
-def _rewrite_member(archive: Path, suffix: str, edit) -> None:
-    """Rewrite the zip member whose name ends with `suffix` (bytes -> bytes), keeping the others."""
-    with zipfile.ZipFile(archive) as z:
-        items = [(info, z.read(info)) for info in z.infolist()]
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
-        for info, data in items:
-            z.writestr(info, edit(data) if info.filename.endswith(suffix) else data)
 
 
 def test_the_pristine_copy_loads(saved, pristine):
@@ -135,79 +125,72 @@ def test_flipped_weight_byte_is_refused(saved):
     _load_fails(saved)
 
 
-# ------------------------------------------------------------------------------------ model.pt2
+# ----------------------------------------------------------------------------- model.graph.json
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.5, 0.99])
 def test_truncated_program_is_refused(saved, fraction):
-    path = saved / "model.pt2"
+    path = saved / "model.graph.json"
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * fraction)])
-    _load_fails(saved, "model.pt2")
+    _load_fails(saved, "model.graph.json")
 
 
-def test_program_json_cut_in_the_middle_is_refused(saved):
-    _rewrite_member(saved / "model.pt2", "models/model.json", lambda raw: raw[: len(raw) // 2])
-    _load_fails(saved, "model.pt2")
+def _forge_graph(directory: Path, edit) -> None:
+    """Edit the graph document and record its new checksum, as a forger would."""
+    path = directory / "model.graph.json"
+    document = json.loads(path.read_text())
+    edit(document)
+    path.write_text(json.dumps(document))
+    report = json.loads((directory / "report.json").read_text())
+    report["sha256"]["model.graph.json"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (directory / "report.json").write_text(json.dumps(report))
 
 
-def test_program_that_unpickles_code_is_refused_and_nothing_runs(saved, tmp_path):
-    """A weights config switched to pickle, pointing at a payload that would create a file when
-    unpickled (a real exploit shape): refused before anything is read."""
-    sentinel = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (os.system, (f"touch {sentinel}",))
-
-    payload = pickle.dumps(Exploit())
-
-    def to_pickle(raw):
-        config = json.loads(raw)
-        first = next(iter(config["config"].values()))
-        first["use_pickle"], first["path_name"] = True, "weight_0"
-        return json.dumps(config).encode()
-
-    _rewrite_member(saved / "model.pt2", "model_weights_config.json", to_pickle)
-    _rewrite_member(saved / "model.pt2", "data/weights/weight_0", lambda raw: payload)
-    _load_fails(saved, "pickle")
-    assert not sentinel.exists()
+def _nodes(document):
+    return [n for graph in document["graphs"] for n in graph["nodes"]]
 
 
-def test_program_with_a_pickled_member_is_refused(saved):
-    with zipfile.ZipFile(saved / "model.pt2", "a") as z:
-        root = z.namelist()[0].split("/")[0]
-        z.writestr(f"{root}/data/constants/extra.pt", pickle.dumps({"a": 1}))
-    _load_fails(saved, "refusing")
-
-
-def test_graph_op_redirected_to_a_python_function_is_refused_or_inert(saved, tmp_path):
-    """model.json targets are resolved by name under `torch.`: 'torch.serialization.os.system' is
-    os.system. Loading must refuse it (or at least never call it)."""
+def test_graph_op_redirected_to_a_python_function_is_refused_and_nothing_runs(saved, tmp_path):
+    """Targets are resolved by name: 'os:system' or a path through torch's attributes to it must be
+    refused at load, before anything runs."""
     sentinel = tmp_path / "ran"
-
-    def redirect(raw):
-        program = json.loads(raw)
-        for node in program["graph_module"]["graph"]["nodes"]:
-            if node["target"] == "torch.ops.aten.sigmoid.default":
-                node["target"] = "torch.serialization.os.system"
-        return json.dumps(program).encode()
-
-    _rewrite_member(saved / "model.pt2", "models/model.json", redirect)
-    try:
-        module = switchhead.load(saved)
-    except LoadError:
-        return
-    with pytest.raises(Exception):
-        module(torch.full((2, 5, 8), 1.0))
+    for forged in ("posix:system", "torch.serialization:os.system", "switchhead.io:os.system"):
+        def redirect(document, forged=forged):
+            node = next(n for n in _nodes(document) if isinstance(n["target"], dict) and "op" in n["target"])
+            node["target"] = {"fn": forged}
+            node["args"] = [f"touch {sentinel}"]
+        _forge_graph(saved, redirect)
+        _load_fails(saved, "refusing")
     assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("tamper", ["unknown_op", "dangling_node", "bad_encoding", "missing_key", "no_root", "version"])
+def test_forged_graph_document_is_refused(saved, tamper):
+    def edit(document):
+        nodes = _nodes(document)
+        op = next(n for n in nodes if isinstance(n["target"], dict) and "op" in n["target"])
+        if tamper == "unknown_op":
+            op["target"] = {"op": "aten::no_such_op.default"}
+        elif tamper == "dangling_node":
+            op["args"] = [{"node": "nowhere"}]
+        elif tamper == "bad_encoding":
+            op["args"] = [{"pickle": "gASV"}]
+        elif tamper == "missing_key":
+            del op["kwargs"]
+        elif tamper == "no_root":
+            document["graphs"][-1]["path"] = "elsewhere"
+        else:
+            document["version"] = 99
+    _forge_graph(saved, edit)
+    _load_fails(saved)
 
 
 def test_edited_graph_op_is_refused(saved, pristine):
-    def swap(raw):
-        return raw.replace(b"torch.ops.aten.sigmoid.default", b"torch.ops.aten.tanh.default")
-
-    _rewrite_member(saved / "model.pt2", "models/model.json", swap)
+    path = saved / "model.graph.json"
+    edited = path.read_text().replace('"aten::sigmoid"', '"aten::tanh"')
+    assert edited != path.read_text()
+    path.write_text(edited)
     _load_fails(saved)
 
 
