@@ -8,10 +8,10 @@ from switchhead.healing import data
 from switchhead.healing.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from switchhead.healing.config import HealConfig
 from switchhead.healing.data import HealData, PackedTokens, Sentences, pack_files, split_files, text_lines
-from switchhead.healing.distill import HealInterrupted, HealResult, heal
+from switchhead.healing.distill import HealInterrupted, HealResult, evaluate, heal
 from switchhead.healing.recipes import file_data, heal_on_files
 
 __all__ = [
     "CheckpointError", "HealConfig", "HealData", "HealInterrupted", "HealResult", "PackedTokens", "Sentences",
-    "data", "file_data", "heal", "heal_on_files", "latest_checkpoint", "load_checkpoint", "pack_files", "split_files", "text_lines",
+    "data", "evaluate", "file_data", "heal", "heal_on_files", "latest_checkpoint", "load_checkpoint", "pack_files", "split_files", "text_lines",
 ]

@@ -163,6 +163,52 @@ class _StopFlag:
             signal.signal(signum, handler)
 
 
+@torch.no_grad()
+def metric_sums(student: torch.nn.Module, teacher: torch.nn.Module | None, data: HealData, indices: list[int],
+                task: str, batch_size: int, device: torch.device, autocast: Callable[[], Any]) -> torch.Tensor:
+    """[4] float64 on `device`: the student's held-out metric sum and count over the samples `indices`
+    of `data`, then the teacher's (zeros without a teacher). causal_lm: next-token NLL and predicted
+    tokens; encoder: cosine of mean-pooled sentence embeddings to the teacher's (needs the teacher)."""
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # student sum, count, teacher sum, count
+    for start in range(0, len(indices), batch_size):
+        args, kwargs = _to(data.batch(indices[start:start + batch_size]), device)
+        with autocast():
+            s_out = student(*args, **kwargs)
+            t_out = teacher(*args, **kwargs) if teacher is not None else None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = token_mask(kwargs, ids.shape, device)
+        if task == "causal_lm":
+            s, n = next_token_nll(s_out, ids, mask)
+            sums[:2] += torch.stack([s, n]).double()
+            if t_out is not None:
+                sums[2:] += torch.stack(next_token_nll(t_out, ids, mask)).double()
+        else:
+            sums[:2] += torch.stack(embedding_cosine(s_out, t_out, mask)).double()
+    return sums
+
+
+@torch.no_grad()
+def evaluate(student: torch.nn.Module, teacher: torch.nn.Module, data: HealData | torch.Tensor, *,
+             config: HealConfig | None = None, **overrides: Any) -> dict[str, float]:
+    """The held-out metrics heal() reports, on other data (one process): {"ppl", "teacher_ppl"} for a
+    causal LM, {"cosine"} (to the teacher's sentence embeddings) for an encoder. Uses the config's
+    task, batch size, eval_samples (0: all), device and precision; the models move to that device."""
+    cfg = dataclasses.replace(config or HealConfig(), **overrides) if overrides else (config or HealConfig())
+    device = D.resolve_device(cfg.device, student, 0, False)
+    data = as_heal_data(data, cfg.seq_len)
+    student, teacher = student.to(device), teacher.to(device).eval()
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    args, kwargs = _to(data.batch([0]), device)
+    task = resolve_task(cfg.task, teacher(*args, **kwargs))
+    total = len(data) if cfg.eval_samples == 0 else min(len(data), cfg.eval_samples)
+    sums = metric_sums(student, teacher, data, list(range(total)), task, cfg.batch_size, device, autocast)
+    if task == "causal_lm":
+        return {"ppl": math.exp(sums[0].item() / max(sums[1].item(), 1)),
+                "teacher_ppl": math.exp(sums[2].item() / max(sums[3].item(), 1)), "eval_samples": total}
+    return {"cosine": sums[0].item() / max(sums[1].item(), 1), "eval_samples": total}
+
+
 class _Run:
     def __init__(self, student, teacher, data, eval_data, cfg: HealConfig, info: D.DistInfo, device, log):
         self.cfg, self.info, self.device, self.log = cfg, info, device, log
@@ -261,29 +307,15 @@ class _Run:
 
     # ---------------------------------------------------------------------- evaluation
 
-    @torch.no_grad()
     def _evaluate(self) -> dict[str, Any] | None:
         if self.eval_data is None:
             return None
         total = len(self.eval_data) if self.cfg.eval_samples == 0 else min(len(self.eval_data), self.cfg.eval_samples)
         total -= total % self.info.world  # equal shares: an FSDP forward is a collective on every rank
         mine = list(range(self.info.rank, total, self.info.world))
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # student sum, count, teacher sum, count
         need_teacher = self.task == "encoder" or self.teacher_metrics is None
-        for start in range(0, len(mine), self.cfg.batch_size):
-            args, kwargs = _to(self.eval_data.batch(mine[start:start + self.cfg.batch_size]), self.device)
-            with self.autocast():
-                s_out = self.student(*args, **kwargs)
-                t_out = self.teacher(*args, **kwargs) if need_teacher else None
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            mask = token_mask(kwargs, ids.shape, self.device)
-            if self.task == "causal_lm":
-                s, n = next_token_nll(s_out, ids, mask)
-                sums[:2] += torch.stack([s, n]).double()
-                if t_out is not None:
-                    sums[2:] += torch.stack(next_token_nll(t_out, ids, mask)).double()
-            else:
-                sums[:2] += torch.stack(embedding_cosine(s_out, t_out, mask)).double()
+        sums = metric_sums(self.student, self.teacher if need_teacher else None, self.eval_data, mine, self.task,
+                           self.cfg.batch_size, self.device, self.autocast)
         sums = D.all_sum(sums, self.info)
         record: dict[str, Any] = {"step": self.step, "tokens": self.tokens}
         if self.task == "causal_lm":

@@ -149,3 +149,18 @@ def test_heal_on_files_packs_text_and_holds_out_whole_files(llama, tmp_path):
     result = heal_on_files(copy.deepcopy(folded), teacher, [tmp_path], CharTokenizer(), config=_cfg(steps=2),
                            held_out=0.2, eval_samples=4)
     assert result.steps == 2 and result.evals[-1]["eval_samples"] == 4 and result.evals[-1]["ppl"] > 1
+
+
+def test_evaluate_gives_the_metrics_heal_reports(llama):
+    """healing.evaluate on the held-out data heal() used gives heal()'s last evaluation; the teacher
+    against itself has the teacher's perplexity."""
+    from switchhead.healing import evaluate
+
+    teacher, student = copy.deepcopy(llama)
+    held = _tokens(200, 1)
+    result = heal(student, teacher, _tokens(64), config=_cfg(steps=3), eval_data=held)
+    got = evaluate(result.student, teacher, held, config=_cfg())
+    assert got["ppl"] == pytest.approx(result.evals[-1]["ppl"], rel=1e-6)
+    assert got["teacher_ppl"] == pytest.approx(result.evals[-1]["teacher_ppl"], rel=1e-6)
+    same = evaluate(teacher, teacher, held, config=_cfg())
+    assert same["ppl"] == pytest.approx(same["teacher_ppl"], rel=1e-9) and same["ppl"] != got["ppl"]
