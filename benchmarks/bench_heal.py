@@ -2,8 +2,12 @@
 
 For real models, on Python standard-library text with a held-out split by file:
   fold   switchhead.convert(init="fold") to H2 heads, then heal() by distillation;
-  prune  the dense model with only the first head of each group kept (the baseline a user would
-         try), healed the same way (same budget, lr, batch, data order).
+  prune       the dense model with only the first head of each group kept (the baseline a user would
+              try), healed the same way (same budget, lr, batch, data order);
+  prune_best  the same with each group's most important head (head_scores: mean norm of what the head
+              writes into the output projection, on a calibration batch of the training data);
+  prune_macs  best heads, as many as give the fold's attention MACs per token (equal_mac_heads).
+--eval-text PATH... evaluates every healed model on other text as well.
 Records unhealed and healed metrics of both, the curve of the metric against healing tokens, wall
 time, attention-core MACs, and (--onnx) the healed fold's ONNX export checked in onnxruntime;
 writes one JSON per model (after every method, so a killed run keeps what it finished) and the
@@ -39,7 +43,7 @@ from typing import Any
 import torch
 
 import switchhead
-from switchhead.healing import HealConfig, PackedTokens, Sentences, heal
+from switchhead.healing import HealConfig, PackedTokens, Sentences, evaluate, heal, text_lines
 from switchhead.healing.data import find_text_files, split_files, tokenize_files
 
 
@@ -141,30 +145,86 @@ def load_smollm2(gguf: str | None = None, tokenizer_dir: str | None = None):
     return model.eval(), AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-def prune_heads(model: torch.nn.Module, heads: int) -> torch.nn.Module:
-    """A copy of an HF BERT or Llama model keeping the first query head of each group of H/heads
-    consecutive heads (Llama: inside each KV group; K/V heads stay). Same grouping as the fold."""
-    model = copy.deepcopy(model)
+def _attention_layers(model: torch.nn.Module):
+    """(key module, its output projection, H, KV heads that stay, dh) of each HF BERT / Llama
+    attention (BERT: 1, since a pruned head takes its own K and V with it; Llama: its KV heads)."""
     for module in model.modules():
-        if hasattr(module, "query") and hasattr(module, "attention_head_size"):  # BertSelfAttention
-            count, dh = module.num_attention_heads, module.attention_head_size
-            keep = _rows(torch.arange(0, count, count // heads), dh)
+        if hasattr(module, "self") and hasattr(getattr(module, "self"), "attention_head_size"):  # BertAttention
+            inner = module.self  # multi-head: pruning a head drops its K and V too (KV groups of one head)
+            yield inner, module.output.dense, inner.num_attention_heads, 1, inner.attention_head_size
+        elif hasattr(module, "q_proj") and hasattr(module, "num_key_value_groups"):  # LlamaAttention
+            heads = module.q_proj.out_features // module.head_dim
+            yield module, module.o_proj, heads, module.k_proj.out_features // module.head_dim, module.head_dim
+
+
+@torch.no_grad()
+def head_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """id(attention) -> [H]: each head's mean norm of what it adds to the output projection, per real
+    token of `batch` (the usual importance score: a head that writes little can go)."""
+    scores, hooks = {}, []
+    mask = batch.get("attention_mask")
+    for key, proj, heads, _, dh in _attention_layers(model):
+        def hook(mod, args, key=key, heads=heads, dh=dh):
+            ctx = args[0].float()  # [B, T, H*dh]
+            w = mod.weight.float().view(mod.weight.shape[0], heads, dh)  # [d, H, dh]
+            norms = torch.einsum("bthc,dhc->bthd", ctx.view(*ctx.shape[:2], heads, dh), w).norm(dim=-1)  # [B, T, H]
+            m = mask.to(norms) if mask is not None else torch.ones(norms.shape[:2])
+            scores[key] = (norms * m[..., None]).sum((0, 1)) / m.sum()
+        hooks.append(proj.register_forward_pre_hook(hook))
+    try:
+        model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return scores
+
+
+def valid_head_counts(heads: int, kv_heads: int) -> list[int]:
+    """Head counts a pruning to one head per group can reach: groups of equal size inside KV groups."""
+    return [h for h in range(kv_heads, heads + 1, kv_heads) if heads % h == 0 and (heads // kv_heads) % (heads // h) == 0]
+
+
+def equal_mac_heads(site: dict[str, Any], fold_heads: int, num_experts: int, top_k: int, seq_len: int) -> int:
+    """The dense head count whose attention MACs per token (causal, our accounting) come nearest the
+    fold's: the fold's k of E experts cost more projection MACs than H2 dense heads, so pruning to H2
+    gives pruning a smaller budget than the fold has."""
+    from switchhead.accounting import attention_costs, site_costs, site_geometry
+
+    fold = site_costs(site, num_experts, top_k, seq_len, num_heads=fold_heads).after.macs_per_token(causal=True)
+    dense = site_geometry(site)
+    mha = dense.num_kv_heads == dense.num_heads  # pruning takes K/V heads along; GQA keeps them
+    counts = valid_head_counts(dense.num_heads, 1 if mha else dense.num_kv_heads)
+    cost = {h: attention_costs(dataclasses.replace(dense, num_heads=h, num_kv_heads=h if mha else dense.num_kv_heads),
+                               seq_len).macs_per_token(causal=True) for h in counts}
+    return min(counts, key=lambda h: (abs(cost[h] - fold), -h))
+
+
+def prune_heads(model: torch.nn.Module, heads: int, scores: dict[int, torch.Tensor] | None = None) -> torch.nn.Module:
+    """A copy of an HF BERT or Llama model keeping one query head of each group of H/heads consecutive
+    heads (Llama: inside each KV group; K/V heads stay), the same grouping as the fold: the first head
+    of each group, or with `scores` (head_scores of the original) the group's highest-scoring head."""
+    pruned = copy.deepcopy(model)
+    originals = [key for key, *_ in _attention_layers(model)]
+    for key, (module, proj, count, kv, dh) in zip(originals, list(_attention_layers(pruned))):
+        if heads not in valid_head_counts(count, kv):
+            raise ValueError(f"cannot prune {count} heads ({kv} KV) to {heads}: choose one of {valid_head_counts(count, kv)}")
+        group = count // heads
+        chosen = torch.arange(0, count, group)
+        if scores is not None:
+            chosen = chosen + scores[key].view(heads, group).argmax(1)
+        keep = _rows(chosen, dh)
+        if hasattr(module, "query"):  # BertSelfAttention
             for name in ("query", "key", "value"):
                 setattr(module, name, _slice_linear(getattr(module, name), keep, out=True))
             module.num_attention_heads, module.all_head_size = heads, heads * dh
-            module._pruned_rows = keep
-        elif hasattr(module, "q_proj") and hasattr(module, "num_key_value_groups"):  # LlamaAttention
-            count = module.q_proj.out_features // module.head_dim
-            keep = _rows(torch.arange(0, count, count // heads), module.head_dim)
+        else:
             module.q_proj = _slice_linear(module.q_proj, keep, out=True)
-            module.o_proj = _slice_linear(module.o_proj, keep, out=False)
-            kv = module.k_proj.out_features // module.head_dim
             module.num_key_value_groups = heads // kv
-    for module in model.modules():  # BertAttention: the output projection reads the pruned heads
-        if hasattr(module, "self") and hasattr(getattr(module, "self"), "_pruned_rows"):
-            module.output.dense = _slice_linear(module.output.dense, module.self._pruned_rows, out=False)
-            del module.self._pruned_rows
-    return model
+        for parent in pruned.modules():  # the output projection reads the kept heads only
+            for name, child in parent.named_children():
+                if child is proj:
+                    setattr(parent, name, _slice_linear(proj, keep, out=False))
+    return pruned
 
 
 def _rows(first_heads: torch.Tensor, dh: int) -> torch.Tensor:
@@ -217,6 +277,19 @@ def build_data(model: str, preset: dict[str, Any], tokenizer, args, pad_to_max: 
                          "python": sys.version.split()[0]}
 
 
+def eval_text_data(model: str, path: str, preset: dict[str, Any], tokenizer):
+    """Held-out data from other text (--eval-text): sentences (lines) for the encoder, packed tokens for
+    the LM, as many samples as the built-in held-out split has."""
+    files = find_text_files([path])
+    if not files:
+        raise SystemExit(f"--eval-text {path}: no text files there")
+    if model == "minilm":
+        lines = text_lines(files)[: preset["eval_samples"]]
+        return Sentences(lines, tokenizer, preset["seq_len"], ("input_ids", "attention_mask"), pad_to_max=False)
+    seq = preset["seq_len"]
+    return PackedTokens(tokenize_files(files, tokenizer, max_tokens=preset["eval_samples"] * seq), seq)
+
+
 def heal_config(preset: dict[str, Any], args, budget_s: float | None, compile_on: bool) -> HealConfig:
     fields = {f.name for f in dataclasses.fields(HealConfig)}
     settings = {k: v for k, v in preset.items() if k in fields}
@@ -227,15 +300,37 @@ def heal_config(preset: dict[str, Any], args, budget_s: float | None, compile_on
                          "compile": compile_on, "log_every": 10, "progress": False})
 
 
+METHODS = ("fold", "prune", "prune_best", "prune_macs")
+
+
+def first_site(model: torch.nn.Module) -> dict[str, Any]:
+    """The first attention layer as accounting's site dict (read off the HF modules, no capture)."""
+    _, proj, heads, kv, dh = next(_attention_layers(model))
+    d = proj.out_features
+    return {"path": "layer 0", "embed_dim": d, "num_heads": heads, "num_kv_heads": heads if kv == 1 else kv, "head_dim": dh,
+            "out_dim": d, "query_dim": d, "cross": False}
+
+
 def run_method(method: str, teacher, example: dict[str, torch.Tensor], train, held, cfg: HealConfig, heads: int,
-               top_k: int = 2, fold_qk: str = "mean") -> tuple[dict[str, Any], torch.nn.Module]:
+               top_k: int = 2, fold_qk: str = "mean", calibration: dict[str, torch.Tensor] | None = None,
+               extra_eval: dict[str, Any] | None = None) -> tuple[dict[str, Any], torch.nn.Module]:
+    """One method (METHODS): fold and heal, or prune (first head per group; best head by head_scores
+    on `calibration`; best heads at the fold's attention MACs) and heal the same way."""
     start = time.perf_counter()
+    kept_heads = heads
     if method == "fold":
         student = switchhead.convert(teacher, (), example, config=switchhead.SwitchHeadConfig(
             init="fold", num_heads=heads, top_k=top_k, fold_qk=fold_qk))
         costs = switchhead.report_of(student).cost_table(cfg.seq_len)
-    else:
+    elif method == "prune":
         student, costs = prune_heads(teacher, heads), None
+    elif method in ("prune_best", "prune_macs"):
+        if method == "prune_macs":
+            site = first_site(teacher)
+            kept_heads = equal_mac_heads(site, heads, site["num_heads"] // heads, top_k, cfg.seq_len)
+        student, costs = prune_heads(teacher, kept_heads, head_scores(teacher, calibration)), None
+    else:
+        raise ValueError(f"unknown method {method!r}: {', '.join(METHODS)}")
     prepared = time.perf_counter() - start
     log = lambda r: _print_record(method, r)  # noqa: E731
     compile_error = None
@@ -252,7 +347,9 @@ def run_method(method: str, teacher, example: dict[str, torch.Tensor], train, he
         result = heal(student, teacher, train, config=cfg, eval_data=held, log=log)
     elapsed = time.perf_counter() - start
     speeds = sorted(h["tokens_per_s"] for h in (result.history[1:] or result.history)) or [0.0]  # [0]: compiling
-    record = {"method": method, "prepare_s": prepared, "total_s": elapsed, "evals": result.evals,
+    extra = {name: evaluate(result.student, teacher, data, config=cfg) for name, data in (extra_eval or {}).items()}
+    record = {"method": method, "heads": kept_heads, "eval_text": extra, "prepare_s": prepared, "total_s": elapsed,
+              "evals": result.evals,
               "history": result.history, "steps": result.steps, "tokens": result.tokens, "loss": result.loss,
               "trainable_parameters": result.trainable_parameters, "costs": costs, "compile": cfg.compile,
               "compile_error": compile_error, "time_limit_s": cfg.time_limit_s,
@@ -348,7 +445,9 @@ def environment() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", "--model", default="minilm", help="comma-separated: minilm, smollm2")
-    parser.add_argument("--methods", default="fold,prune")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated: {', '.join(METHODS)}")
+    parser.add_argument("--eval-text", nargs="+", default=[], metavar="PATH",
+                        help="extra held-out text (files or folders), evaluated after healing beside the built-in split")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=0, help="steps per method (0: use --minutes)")
     parser.add_argument("--minutes", default="smollm2=2.75,minilm=1.25",
@@ -424,12 +523,14 @@ def main() -> None:
             convert_s = 60.0 if model == "smollm2" else 10.0
             budget = max(min(budget, (clock.left() - reserve - convert_s) / len(methods)), 30.0)
         students: dict[str, torch.nn.Module] = {}
+        calibration = train.batch(list(range(min(len(train), 32))))[1]  # prune_best / prune_macs score heads on it
+        extra_eval = {path: eval_text_data(model, path, preset, tokenizer) for path in args.eval_text}
         for i, method in enumerate(methods):
             own = budget if clock.deadline is None else max(min(budget, (clock.left() - reserve) / (len(methods) - i)), 30.0)
             cfg = heal_config(preset, args, own, compile_on)
             print(f"[{method}] {setup.name}: budget {own:.0f} s (run at {clock.elapsed():.0f} s)", flush=True)
             record, student = run_method(method, teacher, example, train, held, cfg, setup.heads, args.top_k,
-                                         args.fold_qk)
+                                         args.fold_qk, calibration, extra_eval)
             record["config"] = cfg.to_dict()
             record["planned_budget_s"] = budget
             doc["results"].append(record)
