@@ -72,7 +72,9 @@ def test_save_needs_no_inputs_and_never_re_exports(converted, tmp_path, monkeypa
         raise AssertionError("save() must not call torch.export")
 
     monkeypatch.setattr(torch.export, "export", refuse)
-    first = save(new, tmp_path / "a")
+    stages: list[str] = []
+    first = save(new, tmp_path / "a", progress=stages.append)
+    assert stages == ["write", "check"]  # what the command line shows while it saves
     loaded = load(first)
     again = load(save(loaded, tmp_path / "b"))  # a loaded module remembers them too
     other = (tiny_model.tokens(3, 9),)
