@@ -314,8 +314,13 @@ def _replay(region, seeds, values, mode):
 
 
 def _mask_from_anchors(node, anchors, values) -> torch.Tensor:
+    """Elements of `node` that reach a kept element of an anchor, and those that reach no anchor
+    element at all: what the region never reads is not dropped by folding (vit-pytorch's RvT takes
+    the CLS token of q from one slice and the rest from another; no op shrinks either slice's
+    source by what it leaves out)."""
     ids = _ids(values[node])
     keep = torch.zeros(values[node].numel(), dtype=torch.bool)
+    reached = torch.zeros(values[node].numel(), dtype=torch.bool)
     for anchor, anchor_mask in anchors.items():
         if anchor is node:
             return anchor_mask
@@ -327,7 +332,22 @@ def _mask_from_anchors(node, anchors, values) -> torch.Tensor:
             hits = landed[anchor_mask].flatten()
             hits = hits[hits >= 0]  # -1: positions fed from off the path
             keep |= torch.bincount(hits, minlength=keep.numel()) > 0  # (index_put thrashes busy CPUs)
-    return keep.view(values[node].shape)
+            every = landed.flatten()
+            reached |= torch.bincount(every[every >= 0], minlength=keep.numel()) > 0
+    keep, reached = keep.view(values[node].shape), reached.view(values[node].shape)
+    if bool(reached.all()):
+        return keep
+    # An element no anchor reads follows the verdict of its row / column: the index of each dim is
+    # kept when a read element there is kept, or when no element there is read.
+    block = torch.ones_like(keep)
+    for dim in range(keep.dim()):
+        others = tuple(d for d in range(keep.dim()) if d != dim)
+        kept = keep.any(dim=others) if others else keep
+        read = reached.any(dim=others) if others else reached
+        view = [1] * keep.dim()
+        view[dim] = -1
+        block = block & (kept | ~read).view(view)
+    return torch.where(reached, keep, block)
 
 
 def _check_no_leak(values, site, projections, anchors, masks) -> None:

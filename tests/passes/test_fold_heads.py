@@ -59,7 +59,7 @@ def test_fold_runs_with_fewer_heads_trains_and_stays_dynamic(case, num_heads):
             assert not any(k in name for k in ("experts", "router", "folded")), name
 
 
-@pytest.mark.parametrize("case", zoo_params(ZOO, "fold"))
+@pytest.mark.parametrize("case", ZOO, ids=lambda c: c.name)
 def test_fold_to_the_same_heads_with_one_expert_is_exact(case):
     model, new = _fold(case, case.heads, num_experts=1)
     report = switchhead.report_of(new)
