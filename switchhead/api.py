@@ -145,8 +145,10 @@ def report_of(converted: torch.fx.GraphModule) -> ConversionReport:
     return converted.meta[REPORT_KEY]
 
 
-def max_relative_error(expected: Any, actual: Any) -> float:
-    """max |a - b| / max |a| over the floating tensors of two outputs of the same structure."""
+def _worst_ratio(expected: Any, actual: Any, measure: Callable[[torch.Tensor], float]) -> float:
+    """max over the floating outputs of measure(a - b) / measure(a) on their finite entries (a: the
+    expected output); inf where the two disagree on which entries are finite. Checks that structure
+    and shapes match (VerificationError)."""
     want, want_spec = pytree.tree_flatten(expected)
     got, got_spec = pytree.tree_flatten(actual)
     if want_spec != got_spec:
@@ -160,10 +162,15 @@ def max_relative_error(expected: Any, actual: Any) -> float:
             finite = torch.isfinite(a64)
             if not torch.equal(finite, torch.isfinite(b64)):
                 return float("inf")
-            scale = a64[finite].abs().max().item() if finite.any() else 0.0
-            diff = (a64 - b64)[finite].abs().max().item() if finite.any() else 0.0
-            worst = max(worst, diff / scale if scale > 0 else diff)
+            if finite.any():
+                scale, diff = measure(a64[finite]), measure((a64 - b64)[finite])
+                worst = max(worst, diff / scale if scale > 0 else diff)
     return worst
+
+
+def max_relative_error(expected: Any, actual: Any) -> float:
+    """max |a - b| / max |a| over the floating tensors of two outputs of the same structure."""
+    return _worst_ratio(expected, actual, lambda t: t.abs().max().item())
 
 
 def relative_error(expected: Any, actual: Any) -> float:
@@ -174,23 +181,7 @@ def relative_error(expected: Any, actual: Any) -> float:
     small independent terms, so their norm stays near eps * sqrt(depth) of the output's norm, while
     a misread head moves a whole slice of the output by its own size. The max elementwise ratio
     (max_relative_error) instead grows with the output's size and the spread of its values."""
-    want, want_spec = pytree.tree_flatten(expected)
-    got, got_spec = pytree.tree_flatten(actual)
-    if want_spec != got_spec:
-        raise VerificationError(f"converted model returns {got_spec}, the original {want_spec}")
-    worst = 0.0
-    for a, b in zip(want, got):
-        if isinstance(a, torch.Tensor) and a.is_floating_point():
-            if a.shape != b.shape:
-                raise VerificationError(f"converted output has shape {tuple(b.shape)}, the original {tuple(a.shape)}")
-            a64, b64 = a.detach().double(), b.detach().double()
-            finite = torch.isfinite(a64)
-            if not torch.equal(finite, torch.isfinite(b64)):
-                return float("inf")
-            scale = torch.linalg.vector_norm(a64[finite]).item()
-            diff = torch.linalg.vector_norm((a64 - b64)[finite]).item()
-            worst = max(worst, diff / scale if scale > 0 else diff)
-    return worst
+    return _worst_ratio(expected, actual, lambda t: torch.linalg.vector_norm(t).item())
 
 
 def default_rtol(output: Any, depth: int = 1) -> float:
