@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
+import json
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -38,3 +41,14 @@ def output_sum(output) -> torch.Tensor:
 def load_benchmark(name: str) -> ModuleType:
     """benchmarks/<name>.py as the module benchmarks.<name> (pytest puts the repository root on the path)."""
     return importlib.import_module(f"benchmarks.{name}")
+
+
+def forge_saved_graph(directory: Path, edit) -> None:
+    """Edit a saved model's graph document and record its new checksum, as a forger would."""
+    path = directory / "model.graph.json"
+    document = json.loads(path.read_text())
+    edit(document)
+    path.write_text(json.dumps(document))
+    report = json.loads((directory / "report.json").read_text())
+    report["sha256"]["model.graph.json"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (directory / "report.json").write_text(json.dumps(report))

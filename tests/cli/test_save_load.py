@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import pickle
 import stat
@@ -14,6 +12,7 @@ import torch
 import switchhead
 import tiny_model
 from switchhead.io import LoadError, SaveError, load, save
+from helpers import forge_saved_graph
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +81,6 @@ def test_save_needs_no_inputs_and_never_re_exports(converted, tmp_path, monkeypa
         assert torch.equal(again(*other), new(*other))
 
 
-def _edit_graph(directory, edit):
-    """Edit the saved graph document and record its new checksum (what a forger would do)."""
-    path = directory / "model.graph.json"
-    document = json.loads(path.read_text())
-    edit(document)
-    path.write_text(json.dumps(document))
-    report = json.loads((directory / "report.json").read_text())
-    report["sha256"]["model.graph.json"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    (directory / "report.json").write_text(json.dumps(report))
-
-
 @pytest.mark.parametrize("forged", ["posix:system", "torch.serialization:os.system", "torch:sym_int.__globals__",
                                     "builtins:eval"])
 def test_load_refuses_a_graph_calling_other_python_functions(saved, forged, tmp_path):
@@ -101,7 +89,7 @@ def test_load_refuses_a_graph_calling_other_python_functions(saved, forged, tmp_
         node = next(n for n in root["nodes"] if isinstance(n["target"], dict) and "fn" in n["target"])
         node["target"] = {"fn": forged}
 
-    _edit_graph(saved, redirect)
+    forge_saved_graph(saved, redirect)
     with pytest.raises(LoadError, match="refusing it|cannot find"):
         load(saved)
 

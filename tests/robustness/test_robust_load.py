@@ -4,9 +4,9 @@ crafted to run code when unpickled. Every case edits a real saved directory."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -18,6 +18,7 @@ import attention_gen as gen
 import switchhead
 from attention_gen import Spec
 from switchhead.io import LoadError
+from helpers import forge_saved_graph
 
 SPEC = Spec(heads=2, kv_heads=2, head_dim=4, d_model=8, proj="fused", mask="causal_flag")
 
@@ -136,17 +137,6 @@ def test_truncated_program_is_refused(saved, fraction):
     _load_fails(saved, "model.graph.json")
 
 
-def _forge_graph(directory: Path, edit) -> None:
-    """Edit the graph document and record its new checksum, as a forger would."""
-    path = directory / "model.graph.json"
-    document = json.loads(path.read_text())
-    edit(document)
-    path.write_text(json.dumps(document))
-    report = json.loads((directory / "report.json").read_text())
-    report["sha256"]["model.graph.json"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    (directory / "report.json").write_text(json.dumps(report))
-
-
 def _nodes(document):
     return [n for graph in document["graphs"] for n in graph["nodes"]]
 
@@ -160,7 +150,7 @@ def test_graph_op_redirected_to_a_python_function_is_refused_and_nothing_runs(sa
             node = next(n for n in _nodes(document) if isinstance(n["target"], dict) and "op" in n["target"])
             node["target"] = {"fn": forged}
             node["args"] = [f"touch {sentinel}"]
-        _forge_graph(saved, redirect)
+        forge_saved_graph(saved, redirect)
         _load_fails(saved, "refusing")
     assert not sentinel.exists()
 
@@ -182,13 +172,15 @@ def test_forged_graph_document_is_refused(saved, tamper):
             document["graphs"][-1]["path"] = "elsewhere"
         else:
             document["version"] = 99
-    _forge_graph(saved, edit)
+    forge_saved_graph(saved, edit)
     _load_fails(saved)
 
 
 def test_edited_graph_op_is_refused(saved, pristine):
     path = saved / "model.graph.json"
-    edited = path.read_text().replace('"aten::sigmoid"', '"aten::tanh"')
+    text = path.read_text()
+    op = re.search(r'"aten::(?!tanh")\w+"', text).group(0)  # the first aten op of the graph, as tanh
+    edited = text.replace(op, '"aten::tanh"', 1)
     assert edited != path.read_text()
     path.write_text(edited)
     _load_fails(saved)
