@@ -156,3 +156,16 @@ def nn_other() -> torch.nn.Module:
             return self.attn(x, x, x, need_weights=False)[0]
 
     return Encoder().eval()
+
+
+def test_a_forced_expert_impl_survives_save_and_load(tmp_path):
+    model = tiny_model.build_model()
+    args = (tiny_model.tokens(),)
+    new = switchhead.convert(model, args, config=switchhead.SwitchHeadConfig(expert_impl="dense"))
+    save(new, tmp_path / "out")
+    back = load(tmp_path / "out")
+    ops = (torch.ops.switchhead.expert_v.default, torch.ops.switchhead.expert_o.default)
+    impls = [n.args[-1] for n in back.graph.nodes if n.target in ops]
+    assert impls and set(impls) == {"dense"}
+    with torch.no_grad():
+        assert torch.equal(back(*args), new(*args))
