@@ -75,8 +75,8 @@ def _exercise_kernels() -> None:
             attn = torch.randn(n, h, dh, dtype=dtype)
             order = routing.signature_order(bits, e)
             fan_in.fan_in(attn, torch.randn(h, e, dh, d, dtype=dtype), table, bits, order)
-            fan_in.fan_in(attn, torch.randn(h, e, dh, d, dtype=dtype), table, bits, order,
-                          gate_input=torch.randn(n, d, dtype=dtype))
+            fan_out.fan_out(x, torch.randn(h, e, d, dh, dtype=dtype), None, table, bits, routing.head_order(bits, e),
+                            gate_input=torch.randn(n, h, dh, dtype=dtype), store_out=False)
             wgrad.expert_wgrad(x.unsqueeze(1).expand(n, h, d), torch.randn(n, h, dh, dtype=dtype),
                                tokens, sorted_gates, offsets, e, True, dtype)
 

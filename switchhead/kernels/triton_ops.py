@@ -7,7 +7,7 @@ whose body is device routing (route_triton.route: three Triton launches, no host
 `wrap_triton` kernel launches:
 
     expert_v           fan_out(x, W_V)                         sum over k in registers
-    expert_v_backward  fan_in(dY, W_V^T) -> dx, dG (x row dots) ; wgrad(x, dY) -> dW_V, db
+    expert_v_backward  fan_in(dY, W_V^T) -> dx ; fan_out(x, W_V) -> dG (dY row dots) ; wgrad(x, dY) -> dW_V, db
     expert_o           fan_in(attn, W_O)                       sum over H and k in registers
     expert_o_backward  fan_out(dY, W_O^T) -> dattn, dG (attn row dots) ; wgrad(attn, dY) -> dW_O
 
@@ -71,10 +71,11 @@ def expert_v_backward_triton(
     e = _check_experts(weight)
     x = x.contiguous()
     gy = grad_out.to(x.dtype).contiguous().view(n, h, dh)
-    r = route(expert_index, gates, e, sig=True, groups=True)
-    grad_x, dense = fan_in(gy, weight.transpose(2, 3), r.table, r.bits, r.sig_order, gate_input=x)
-    if bias is not None:
-        dense = dense + torch.einsum("nhc,hec->nhe", gy.float(), bias.float())
+    r = route(expert_index, gates, e, head=True, sig=True, groups=True)
+    grad_x = fan_in(gy, weight.transpose(2, 3), r.table, r.bits, r.sig_order)
+    # the gate gradient needs each chosen expert's value again: a V forward whose epilogue keeps only row dots
+    _, dense = fan_out(x, weight, bias.contiguous() if bias is not None else None, r.table, r.bits, r.head_order,
+                       gate_input=gy, store_out=False)
     grad_w, grad_b = expert_wgrad(
         x.unsqueeze(1).expand(n, h, d), gy, *r.groups, e, bias is not None, weight.dtype
     )
@@ -87,8 +88,7 @@ def expert_o_triton(attn: Tensor, weight: Tensor, expert_index: Tensor, gates: T
     """expert_o on Triton: attn [N, H, dh], weight [H, E, dh, d_out] -> [N, d_out]."""
     e = _check_experts(weight)
     r = route(expert_index, gates, e, sig=True)
-    out, _ = fan_in(attn, weight, r.table, r.bits, r.sig_order)
-    return out
+    return fan_in(attn, weight, r.table, r.bits, r.sig_order)
 
 
 @torch.library.triton_op("switchhead::expert_o_backward_triton", mutates_args=())
@@ -110,15 +110,21 @@ def _on_cuda(args: tuple) -> bool:
     return any(isinstance(a, Tensor) and a.is_cuda for a in args)
 
 
-def _choose(op: str, impl: str, weight: Tensor, expert_index: Tensor, v_layout: bool) -> str:
+def _choose(op: str, impl: str, weight: Tensor, expert_index: Tensor, v_layout: bool, training: bool = True) -> str:
     h, e, a, b = (int(s) for s in weight.shape)  # V: [H, E, d, dh]; O: [H, E, dh, d_out]
     d, dh = (a, b) if v_layout else (b, a)
     return choice.choose_impl(op, impl, device_type=weight.device.type, d=d, heads=h, experts=e,
-                              top_k=int(expert_index.shape[2]), head_dim=dh)
+                              top_k=int(expert_index.shape[2]), head_dim=dh, training=training)
+
+
+def _differentiated(activation: Tensor, gates: Tensor) -> bool:
+    """Will a backward follow? The activations tell (weights require grad under no_grad too); this
+    holds in eager and while AOTAutograd traces (a probe of both is in tests/test_kernels/test_choice.py)."""
+    return activation.requires_grad or gates.requires_grad
 
 
 def _v(x, weight, bias, expert_index, gates, impl="auto"):
-    if _choose("expert_v", impl, weight, expert_index, True) == "sparse":
+    if _choose("expert_v", impl, weight, expert_index, True, _differentiated(x, gates)) == "sparse":
         return expert_v_triton(x, weight, bias, expert_index, gates)
     return reference.expert_v_reference(x, weight, bias, expert_index, gates)
 
@@ -130,7 +136,7 @@ def _v_backward(grad_out, x, weight, bias, expert_index, gates, impl="auto"):
 
 
 def _o(attn, weight, expert_index, gates, impl="auto"):
-    if _choose("expert_o", impl, weight, expert_index, False) == "sparse":
+    if _choose("expert_o", impl, weight, expert_index, False, _differentiated(attn, gates)) == "sparse":
         return expert_o_triton(attn, weight, expert_index, gates)
     return reference.expert_o_reference(attn, weight, expert_index, gates)
 

@@ -31,8 +31,10 @@ def _written_by_flags(kernel: str, args: dict) -> set[str]:
         return when("HEAD", "hh_ptr", "sh_ptr") | when("GROUPS", "hg_ptr", "off_ptr") | when("SIG", "hs_ptr", "ss_ptr")
     if kernel == "_route_scatter_kernel":
         return when("HEAD", "ho_ptr") | when("GROUPS", "tok_ptr", "sg_ptr") | when("SIG", "so_ptr")
-    if kernel in ("_fan_in_kernel", "_fan_out_kernel"):
-        return {"out_ptr"} | when("GATE_GRAD", "gg_ptr")
+    if kernel == "_fan_in_kernel":
+        return {"out_ptr"}
+    if kernel == "_fan_out_kernel":
+        return when("STORE_OUT", "out_ptr") | when("GATE_GRAD", "gg_ptr")
     if kernel == "_wgrad_kernel":
         return {"gw_ptr"} | when("HAS_BIAS", "gb_ptr")
     raise AssertionError(f"no rule for {kernel}")
