@@ -31,6 +31,57 @@ def test_auto_follows_the_measured_table() -> None:
     assert pick("expert_v", (1024, 4, 8, 2, 112)) == "dense"  # an unmeasured shape: the dense formula
 
 
+def test_a_differentiated_call_runs_the_dense_formula() -> None:
+    d, h, e, k, dh = PAPER["262M"]
+    assert choice.choose_impl("expert_v", "auto", device_type="cuda", d=d, heads=h, experts=e, top_k=k,
+                              head_dim=dh, training=True) == "dense"
+    assert choice.choose_impl("expert_v", "sparse", device_type="cuda", d=d, heads=h, experts=e, top_k=k,
+                              head_dim=dh, training=True) == "sparse"
+
+
+_SEEN: list[bool] = []  # what the probe op saw: its activation's requires_grad, per call
+
+
+@torch.library.custom_op("switchhead_test_probe::mm", mutates_args=())
+def _probe_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    _SEEN.append(x.requires_grad)
+    return x @ w
+
+
+_probe_mm.register_fake(lambda x, w: x.new_empty(x.shape[0], w.shape[1]))
+_probe_mm.register_autograd(lambda ctx, g: (g @ ctx.w.t(), ctx.x.t() @ g),
+                            setup_context=lambda ctx, inputs, output: ctx.__dict__.update(x=inputs[0], w=inputs[1]))
+
+
+def _probe_rule(mode, op, types, args, kwargs):
+    _SEEN.append(args[0].requires_grad)
+    with mode:
+        return args[0] @ args[1]
+
+
+def test_requires_grad_tells_training_from_inference_in_eager_and_under_aot_tracing() -> None:
+    """The CUDA dispatch (triton_ops._differentiated) reads the activations' requires_grad inside the op's
+    kernel and inside a FunctionalTensorMode rule; a probe op with both shows what they see."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    _probe_mm.register_torch_dispatch(FunctionalTensorMode, _probe_rule)
+    w = torch.randn(4, 4, requires_grad=True)
+    x = torch.randn(3, 4, requires_grad=True)
+
+    def layer(x):
+        return _probe_mm(torch.relu(x), w).sum()
+
+    for run in (layer, torch.compile(layer, backend="aot_eager")):
+        _SEEN.clear()
+        run(x).backward()
+        assert _SEEN and all(_SEEN), _SEEN  # training: the activation requires grad
+        _SEEN.clear()
+        with torch.no_grad():
+            run(x)
+        assert _SEEN and not any(_SEEN), _SEEN  # inference: it does not, though w does
+        torch._dynamo.reset()
+
+
 def test_cpu_and_many_experts_are_always_dense() -> None:
     for impl in choice.IMPLS:
         assert pick("expert_v", PAPER["262M"], impl, device_type="cpu") == "dense"
