@@ -210,11 +210,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-def auto_choice(s: Shape) -> str:
-    """What impl="auto" runs for V fwd / V bwd / O fwd / O bwd at this shape."""
+def auto_choice(s: Shape, training: bool = False) -> str:
+    """What impl="auto" runs for V fwd / V bwd / O fwd / O bwd at this shape (in a training step or not)."""
     def pick(op):
         return choice.choose_impl(op, "auto", device_type="cuda", d=s.d, heads=s.h, experts=s.e, top_k=s.k,
-                                  head_dim=s.dh)
+                                  head_dim=s.dh, training=training)
     return "/".join(pick(op) for op in choice.OPS)
 
 
@@ -238,9 +238,36 @@ def run_shape(s: Shape, n: int, device: str, compiled: dict[str, tuple], bench, 
         ms = {name: bench(fns[i]) for name, fns in cands.items()}
         if "dense" not in ms and auto_choice(s).count("sparse") == 0:
             ms["dense"] = ms["auto"]  # auto ran the dense formula everywhere: the same compiled program
-        rows.append(Row(s.name, n, op, auto_choice(s), ms, useful, errors))
+        rows.append(Row(s.name, n, op, auto_choice(s, training=op == "fwd+bwd"), ms, useful, errors))
         print(f"{s.name} N={n} {op}: " + " ".join(f"{k}={v:.3f}" for k, v in ms.items()), flush=True)
     return rows
+
+
+def backward_rows(shapes: list[Shape], tokens: list[int], device: str, bench) -> list[dict]:
+    """Each backward op alone, impl dense vs sparse (compiled, token dim dynamic): the per-op choice."""
+    out = []
+    for s in shapes:
+        def v_bwd(gy, x, w, idx, g, impl):
+            return torch.ops.switchhead.expert_v_backward(gy, x, w, None, idx, g, impl)
+
+        def o_bwd(gy, a, w, idx, g, impl):
+            return torch.ops.switchhead.expert_o_backward(gy, a, w, idx, g, impl)
+
+        fns = {impl: (torch.compile(v_bwd), torch.compile(o_bwd)) for impl in ("dense", "sparse")}
+        for n in tokens:
+            p = problem(s, n, device, torch.bfloat16)
+            gy_v = torch.randn(n, s.h * s.dh, device=device, dtype=torch.bfloat16)
+            for t in (p["x"], p["attn"], p["gy"], gy_v, p["idx_v"], p["g_v"], p["idx_o"], p["g_o"]):
+                torch._dynamo.mark_dynamic(t, 0)
+            ms = {}
+            for impl, (v, o) in fns.items():
+                ms[("V bwd", impl)] = bench(lambda: v(gy_v, p["x"], p["w_v"], p["idx_v"], p["g_v"], impl))
+                ms[("O bwd", impl)] = bench(lambda: o(p["gy"], p["attn"], p["w_o"], p["idx_o"], p["g_o"], impl))
+            for op in ("V bwd", "O bwd"):
+                out.append(dict(shape=s.name, tokens=n, op=op, dense_ms=ms[(op, "dense")], sparse_ms=ms[(op, "sparse")]))
+                print(f"{s.name} N={n} {op}: dense={ms[(op, 'dense')]:.3f} sparse={ms[(op, 'sparse')]:.3f}", flush=True)
+        torch._dynamo.reset()
+    return out
 
 
 def routing_rows(shapes: list[Shape], n: int, device: str, bench) -> list[dict]:
@@ -304,6 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch._dynamo.reset()
         if args.json:  # after every shape: a run cut short keeps what it measured
             args.json.write_text(json.dumps(dict(rows=[asdict(r) for r in rows]), indent=1))
+    bwd = backward_rows(shapes, args.tokens, args.device, bench) if cuda else []
     sel = routing_rows(shapes, min(args.tokens), args.device, bench)
     dev = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
     import triton
@@ -329,12 +357,16 @@ def main(argv: list[str] | None = None) -> dict:
         "Router selection (select_experts compiled, one kernel) against torch.topk + sigmoid, fp32 logits "
         "[N, H, E]; share = selection / auto op time (V fwd / O fwd):", "",
         "| shape | N | select us | topk us | share of op | = stable sort |", "|---|---|---|---|---|---|", *sel_lines,
+        "", "Each backward op alone (compiled), the dense formula against the sparse kernels (choice.py's input):", "",
+        "| shape | N | op | dense ms | sparse ms | sparse / dense speed |", "|---|---|---|---|---|---|",
+        *[f"| {b['shape']} | {b['tokens'] // 1024}k | {b['op']} | {b['dense_ms']:.3f} | {b['sparse_ms']:.3f} | "
+          f"{b['dense_ms'] / b['sparse_ms']:.2f}x |" for b in bwd],
     ])
     if args.write:
         write_section(args.write, "Kernels", body)
     if args.json:
         args.json.write_text(json.dumps(dict(device=dev, versions=versions, rows=[asdict(r) for r in rows],
-                                             routing=sel), indent=1))
+                                             routing=sel, backward=bwd), indent=1))
     print(body)
     return dict(rows=rows, routing=sel)
 
