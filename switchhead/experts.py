@@ -24,6 +24,16 @@ class ExpertWeights:
     o_router: Tensor  # [H*E, d_q], fp32
 
 
+def init_setup(seed: int | None, init_scale: float | None, num_sites: int,
+               offset: int = 0) -> tuple[torch.Generator, float]:
+    """(generator, init scale) of a pass that draws initial weights for `num_sites` attention
+    layers: seeded with seed + offset (None: from torch's global RNG), and the paper's init scale
+    1/sqrt(n_layers) unless `init_scale` is given."""
+    generator = torch.Generator().manual_seed((seed if seed is not None else torch.seed()) + offset)
+    scale = init_scale if init_scale is not None else 1.0 / math.sqrt(max(num_sites, 1))
+    return generator, scale
+
+
 def upcycle(
     value_weight: Tensor,
     value_bias: Tensor | None,

@@ -47,10 +47,11 @@ from switchhead import experts as expert_init
 from switchhead.config import SwitchHeadConfig
 from switchhead.errors import ConfigMismatchError
 from switchhead.graph.ops import CAST_OPS, MATMUL_OPS, NOOP_OPS, is_pointwise, linear_parts
-from switchhead.graph.provenance import ProvenanceError, ancestors, describe, replay, rerun, region_between
-from switchhead.passes.resize import (FoldError, MaskSizes, ScaledSizes, probe_positions, rescale_scores,
-                                      resize_head_operand)
-from switchhead.passes.rewrite_experts import SitePlan, drop_unused_attributes, linear_weight, register, rms
+from switchhead.graph.provenance import (ProvenanceError, ancestors, describe, region_between, replay,
+                                         replay_or_raise, rerun)
+from switchhead.graph.surgery import erase_unused, linear_weight, module_at, register, rms
+from switchhead.passes.plan import FoldError, PassResult, PassState, SitePlan
+from switchhead.passes.resize import MaskSizes, ScaledSizes, probe_positions, rescale_scores, resize_head_operand
 from switchhead.site import AttentionSite
 
 aten = torch.ops.aten
@@ -87,30 +88,33 @@ class FoldPlan:
         return self.head_dim != self.site.head_dim
 
 
-def fold_sites(gm: torch.fx.GraphModule, values: dict, sites: list[AttentionSite],
-               config: SwitchHeadConfig) -> dict[int, SitePlan]:
-    """Fold every site to `config.num_heads` heads (init "fold", or "random" with num_heads);
-    returns the expert plan of each folded site by index. Raises ConfigMismatchError naming the site
-    that cannot be folded, before the graph is changed."""
+def fold_heads(gm: torch.fx.GraphModule, state: PassState) -> PassResult:
+    """Fold every site to `config.num_heads` heads (init "fold", or "random" with num_heads or
+    head_dim); `state.plans` gets the expert plan of each folded site by index. Raises
+    ConfigMismatchError naming the site that cannot be folded, before the graph is changed.
+    Counters: `folded_sites`, `resized_sites` (new head size), `edited_ops` (size arguments
+    rewritten), `head_size_operands` (RoPE tables, norm weights rebuilt)."""
+    config, values, sites = state.config, state.values, state.sites
     if config.init != "fold" and config.num_heads is None and config.head_dim is None:
-        return {}
-    generator = torch.Generator().manual_seed((config.seed if config.seed is not None else torch.seed()) + 1)
-    init_scale = config.init_scale if config.init_scale is not None else 1.0 / math.sqrt(max(len(sites), 1))
+        return PassResult(gm, False)
+    generator, init_scale = expert_init.init_setup(config.seed, config.init_scale, len(sites), offset=1)
     folds = []
     for site in sites:
         try:
             folds.append(plan_fold(values, site, config.num_heads or site.num_heads, config.head_dim))
         except FoldError as exc:
             raise _mismatch(site, exc, config) from None
-    plans = {}
+    counters = {"folded_sites": 0, "resized_sites": 0, "edited_ops": 0, "head_size_operands": 0}
     copies: dict = {}  # positional chains copied for the new head size, shared by the sites
     for index, fold in enumerate(folds):
         try:
-            plans[index] = apply_fold(gm, values, fold, config, generator, init_scale, copies)
+            state.plans[index] = apply_fold(gm, values, fold, config, generator, init_scale, copies, counters)
         except FoldError as exc:
             raise _mismatch(fold.site, exc, config) from None
-    _erase_unused(gm, list(copies))
-    return plans
+        counters["folded_sites"] += 1
+        counters["resized_sites"] += int(fold.resized)
+    erase_unused(gm, list(copies))
+    return PassResult(gm, bool(folds), counters)
 
 
 def _mismatch(site: AttentionSite, exc: FoldError, config: SwitchHeadConfig) -> ConfigMismatchError:
@@ -118,23 +122,6 @@ def _mismatch(site: AttentionSite, exc: FoldError, config: SwitchHeadConfig) -> 
         return ConfigMismatchError(f"cannot fold the heads of {site.path or '<root>'}: {exc}")
     return ConfigMismatchError(f"cannot resize the heads of {site.path or '<root>'} to head_dim={config.head_dim}: "
                                f"{exc}; change num_heads / head_dim or exclude this module with module_filter")
-
-
-def _erase_unused(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> None:
-    """Erase what no node reads any more, and the inputs only it read: the positional chains and
-    norm weights that a new head size replaced (attributes too, when nothing else reads them)."""
-    stack, erased, freed = list(nodes), set(), set()
-    while stack:
-        node = stack.pop()
-        if node in erased or node.users or node.op not in ("call_function", "get_attr"):
-            continue
-        if node.op == "get_attr":
-            freed.add(node.target)
-        inputs = node.all_input_nodes
-        gm.graph.erase_node(node)
-        erased.add(node)
-        stack.extend(inputs)
-    drop_unused_attributes(gm, freed)
 
 
 def group_heads(site: AttentionSite, num_heads: int) -> torch.Tensor:
@@ -307,10 +294,7 @@ def _side_branches(region, masks, values, o_input) -> list[torch.fx.Node]:
 
 
 def _replay(region, seeds, values, mode):
-    try:
-        return replay(region, seeds, values, mode)
-    except ProvenanceError as exc:
-        raise FoldError(f"cannot follow the heads: {exc}") from None
+    return replay_or_raise(region, seeds, values, mode, lambda message: FoldError(f"cannot follow the heads: {message}"))
 
 
 def _mask_from_anchors(node, anchors, values) -> torch.Tensor:
@@ -366,16 +350,21 @@ def _check_no_leak(values, site, projections, anchors, masks) -> None:
 
 
 def apply_fold(gm: torch.fx.GraphModule, values: dict, plan: FoldPlan, config: SwitchHeadConfig,
-               generator: torch.Generator, init_scale: float, copies: dict | None = None) -> SitePlan:
+               generator: torch.Generator, init_scale: float, copies: dict | None = None,
+               counters: dict[str, int] | None = None) -> SitePlan:
     """Resize the site's graph to the kept heads (and new head size) and build its expert plan.
-    `copies` shares the positional chains copied for a new head size between sites."""
+    `copies` shares the positional chains copied for a new head size between sites; `counters`
+    (fold_heads's) count the edited ops and rebuilt head-size operands."""
     sizes = plan.sizes
     edits = [_edit_for(n, values, sizes) for n in plan.region]  # validate everything before mutating
     operands = _head_size_operands(plan, values) if plan.resized else []
     graph = gm.graph
+    counters = counters if counters is not None else {}
     for node, edit in zip(plan.region, edits):
         if edit is not None:
             edit(graph, node)
+            counters["edited_ops"] = counters.get("edited_ops", 0) + 1
+    counters["head_size_operands"] = counters.get("head_size_operands", 0) + len(operands)
     for consumer, ext, dim in operands:
         new = resize_head_operand(gm, values, ext, consumer, dim, plan.site.head_dim, plan.head_dim,
                                   plan.site.path, copies if copies is not None else {})
@@ -577,7 +566,7 @@ def _fold_along(graph, gm, plan: FoldPlan, ext, dim: int, keep: torch.Tensor, fo
     merged = keep.numel() != heads
     if not torch.equal(keep, torch.isin(torch.arange(keep.numel()) % heads, plan.members[:, 0])):
         raise FoldError("a per-head operand does not line up with the heads")
-    owner = _module(gm, plan.site.path)
+    owner = module_at(gm, plan.site.path)
     x = graph.call_function(aten.unflatten.int, (ext, dim, [-1, heads])) if merged else ext
     head_dim = dim + 1 if merged else dim
     columns = range(plan.members.shape[1]) if fold_qk == "mean" else range(1)
@@ -588,10 +577,6 @@ def _fold_along(graph, gm, plan: FoldPlan, ext, dim: int, keep: torch.Tensor, fo
     x = picks[0] if len(picks) == 1 else graph.call_function(
         aten.mean.dim, (graph.call_function(aten.stack.default, (picks,)), [0]))
     return graph.call_function(aten.flatten.using_ints, (x, dim, dim + 1)) if merged else x
-
-
-def _module(gm, path):
-    return gm.get_submodule(path) if path else gm
 
 
 def _head_columns(values, proj, anchor, heads) -> torch.Tensor:
@@ -668,7 +653,7 @@ def _set_projection(gm, proj, weight, bias, path, name: str = "folded") -> None:
     """Point a projection node at new weights (`<path>.<name>_weight`, `_bias`); the old ones go
     when nothing reads them any more."""
     graph = gm.graph
-    owner = _module(gm, path)
+    owner = module_at(gm, path)
     _, weight_node, bias_node, transposed = linear_parts(proj)
     weight_name = register(owner, path, f"{name}_weight", (weight.t() if transposed else weight).contiguous())
     with graph.inserting_before(proj):
@@ -676,13 +661,7 @@ def _set_projection(gm, proj, weight, bias, path, name: str = "folded") -> None:
         proj.replace_input_with(weight_node, new_weight)
         if bias is not None and isinstance(bias_node, torch.fx.Node):
             proj.replace_input_with(bias_node, graph.get_attr(register(owner, path, f"{name}_bias", bias)))
-    freed = set()
-    for old in (weight_node, bias_node):
-        if isinstance(old, torch.fx.Node) and not old.users and old.op in ("get_attr", "call_function"):
-            if old.op == "get_attr":
-                freed.add(old.target)
-            graph.erase_node(old)
-    drop_unused_attributes(gm, freed)
+    erase_unused(gm, [old for old in (weight_node, bias_node) if isinstance(old, torch.fx.Node)])
 
 
 def _expert_plan(values, plan: FoldPlan, projection_weights, config, generator, init_scale) -> SitePlan:
