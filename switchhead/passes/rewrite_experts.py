@@ -22,7 +22,6 @@ Contract
 from __future__ import annotations
 
 import operator
-from typing import Any
 
 import torch
 import torch.fx
