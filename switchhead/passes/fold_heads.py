@@ -187,11 +187,7 @@ def _expert_plan(values, plan: FoldPlan, projection_weights, config, generator, 
     site, members = plan.site, plan.members
     new_heads, group = members.shape
     gqa = site.num_kv_heads < site.num_heads
-    num_experts = config.resolved_num_experts(group)
-    if config.top_k > num_experts:
-        raise FoldError(f"top_k={config.top_k} exceeds num_experts={num_experts}")
-    if config.init == "fold" and num_experts < group:
-        raise FoldError(f"num_experts={num_experts} is smaller than the fold group of {group} heads")
+    num_experts = config.resolved_num_experts(group)  # fits top_k and the group: config.check_sites
     v_weight, v_bias, v_kept = projection_weights[site.value_node]
     o_weight, _ = linear_weight(values, site.output_node)
     kv_of_query = site.kv_head_of_query
