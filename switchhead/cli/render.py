@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from switchhead.report import ConversionReport
+
 def print_site_tables(out: Console, sites: list[dict[str, Any]], skipped: list[dict[str, Any]], selected: set[str]) -> None:
     if sites:
         # the projections take what the terminal has left (expand: ratio columns share the rest)
@@ -80,7 +82,7 @@ def _ranges(values: list[int]) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
-def print_costs(out: Console, report) -> None:
+def print_costs(out: Console, report: ConversionReport) -> None:
     """Before/after table of what attention costs (all rewritten sites together)."""
     costs = report.costs
     table = Table(title=f"Attention cost, all rewritten modules (sequence length {costs['seq_len']})",

@@ -188,7 +188,7 @@ _SIZE_EDITS: dict[Any, Callable[[torch.fx.Node, dict, Sizes, bool], Edit | None]
 # ------------------------------------------------------------------------------ operands from outside
 
 
-def head_size_operands(plan: FoldPlan, values) -> list[tuple[torch.fx.Node, torch.fx.Node, int]]:
+def head_size_operands(plan: FoldPlan, values: dict) -> list[tuple[torch.fx.Node, torch.fx.Node, int]]:
     """(consumer, operand, dim) of every tensor from outside the region that enters a pointwise op
     (or baddbmm's additive input) along a dim that carries the head size, e.g. RoPE's cos and sin
     or a Q/K norm's weight. Such an operand must not carry the heads as well."""
@@ -216,7 +216,8 @@ def head_size_operands(plan: FoldPlan, values) -> list[tuple[torch.fx.Node, torc
             found.append((node, ext, size_dims[0] - lead))
     return found
 
-def fold_external_operands(gm, plan: FoldPlan, values, keeps, config) -> None:
+def fold_external_operands(gm: torch.fx.GraphModule, plan: FoldPlan, values: dict,
+                           keeps: dict[torch.fx.Node, list[torch.Tensor]], fold_qk: str) -> None:
     """Per-head tensors from outside the region (T5's relative position bias, ALiBi, per-head masks)
     keep the kept heads' slices (fold_qk='first') or the mean over each group ('mean'). They enter
     pointwise ops, SDPA's attn_mask and baddbmm's additive input."""
@@ -252,7 +253,7 @@ def fold_external_operands(gm, plan: FoldPlan, values, keeps, config) -> None:
                 if ext_shape[ext_dim] != keep.numel():
                     raise FoldError("a per-head operand does not line up with the heads")
                 with graph.inserting_before(node):
-                    folded = _fold_along(graph, gm, plan, ext, ext_dim, keep, config.fold_qk)
+                    folded = _fold_along(graph, gm, plan, ext, ext_dim, keep, fold_qk)
                 node.replace_input_with(ext, folded)
                 ext = folded
 

@@ -107,7 +107,7 @@ def apply_fold(gm: torch.fx.GraphModule, values: dict, plan: FoldPlan, config: S
     if plan.resized:
         rescale_scores(plan.site, plan.region, plan.site.head_dim, plan.head_dim)
     heads_only = sizes.heads_only if isinstance(sizes, ScaledSizes) else sizes
-    fold_external_operands(gm, plan, values, heads_only.keeps, config)
+    fold_external_operands(gm, plan, values, heads_only.keeps, config.fold_qk)
     if plan.resized:
         projection_weights = _random_projections(gm, values, plan, generator)
     else:
