@@ -130,7 +130,7 @@ def convert(
         analysis.sites, analysis.skipped, plans, config=config.to_dict(),
         dynamic_shapes=analysis.captured.dynamic, static_reason=analysis.captured.static_reason,
         dynamic_dims=analysis.captured.dynamic_dims, widened=list(analysis.captured.widened),
-        rewrites=2 * len(plans), verify_max_error=max_error, verify_error=error, verify_rtol=rtol,
+        rewrites=counters["rewrite_experts"]["rewrites"], verify_max_error=max_error, verify_error=error, verify_rtol=rtol,
         parameters_before=parameters_before,
         parameters_after=sum(p.numel() for p in gm.parameters()), notes=notes,
     )
