@@ -17,13 +17,12 @@ from switchhead.config import SwitchHeadConfig
 from switchhead.device import follow_device_moves
 from switchhead.errors import NoAttentionError, VerificationError
 from switchhead.inputs import accept_missing_mask, remember_inputs, resolve_inputs
-from switchhead.passes.detect_attention import detect_attention
-from switchhead.passes.fold_heads import fold_sites
-from switchhead.passes.rewrite_experts import rewrite_experts
+from switchhead.passes import PIPELINE, PassState, run_passes
 from switchhead.report import ConversionReport
 from switchhead.site import AttentionSite, SkippedSite
 
 REPORT_KEY = "switchhead_report"
+COUNTERS_KEY = "switchhead_pass_counters"
 FilterFn = Callable[[str], bool]
 
 
@@ -37,6 +36,7 @@ class Analysis:
     skipped: list[SkippedSite]
     reference_output: Any
     mask_added: bool = False  # an all-ones attention_mask was added to the model's dummy_inputs
+    counters: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # by pass
 
 
 def analyze(
@@ -55,14 +55,15 @@ def analyze(
         torch.manual_seed(0)
         captured, reference = capture(model, args, kwargs, dynamic_shapes)
     values = record_values(captured)
-    sites, skipped = detect_attention(captured.graph_module, values)
-    kept = []
-    for site in sites:
+    state = PassState(values)
+    counters = run_passes(captured.graph_module, state, PIPELINE[:1])
+    kept, skipped = [], state.skipped
+    for site in state.sites:
         if (filter_fn is None or filter_fn(site.path)) and (module_filter is None or re.search(module_filter, site.path)):
             kept.append(site)
         else:
             skipped.append(SkippedSite(site.path, site.core, "excluded by the filter"))
-    return Analysis(captured, values, kept, skipped, reference, mask_added)
+    return Analysis(captured, values, kept, skipped, reference, mask_added, counters)
 
 
 def find_attention(
@@ -110,8 +111,9 @@ def convert(
     parameters_before = sum(p.numel() for p in model.parameters())
     gm = analysis.captured.graph_module
     step("rewrite")
-    plans = rewrite_experts(gm, analysis.values, analysis.sites, config,
-                            fold_sites(gm, analysis.values, analysis.sites, config))
+    state = PassState(analysis.values, config, analysis.sites, analysis.skipped)
+    counters = {**analysis.counters, **run_passes(gm, state, PIPELINE[1:])}
+    plans = state.applied
     analysis.values.clear()  # the example activations are no longer needed
     same_function = all(p.num_heads == s.num_heads and p.weights.v_experts.shape[1] == 1
                         for p, s in zip(plans, analysis.sites)) if config.init == "fold" else config.init == "upcycle"
@@ -128,10 +130,11 @@ def convert(
         analysis.sites, analysis.skipped, plans, config=config.to_dict(),
         dynamic_shapes=analysis.captured.dynamic, static_reason=analysis.captured.static_reason,
         dynamic_dims=analysis.captured.dynamic_dims, widened=list(analysis.captured.widened),
-        rewrites=2 * len(plans), verify_max_error=max_error, verify_error=error, verify_rtol=rtol,
+        rewrites=counters["rewrite_experts"]["rewrites"], verify_max_error=max_error, verify_error=error, verify_rtol=rtol,
         parameters_before=parameters_before,
         parameters_after=sum(p.numel() for p in gm.parameters()), notes=notes,
     )
+    gm.meta[COUNTERS_KEY] = counters
     remember_inputs(gm, analysis.captured.args, analysis.captured.kwargs)
     if analysis.mask_added:
         accept_missing_mask(gm)
@@ -143,6 +146,14 @@ def report_of(converted: torch.fx.GraphModule) -> ConversionReport:
     if REPORT_KEY not in getattr(converted, "meta", {}):
         raise ValueError("this module was not produced by switchhead.convert()")
     return converted.meta[REPORT_KEY]
+
+
+def pass_counters(converted: torch.fx.GraphModule) -> dict[str, dict[str, int]]:
+    """How often each pass of convert() rewrote each kind of thing, by pass name (detect_attention:
+    sites / skipped, fold_heads: folded sites and edited ops, rewrite_experts: expert ops)."""
+    if COUNTERS_KEY not in getattr(converted, "meta", {}):
+        raise ValueError("this module was not produced by switchhead.convert() in this process")
+    return converted.meta[COUNTERS_KEY]
 
 
 def _worst_ratio(expected: Any, actual: Any, measure: Callable[[torch.Tensor], float]) -> float:

@@ -172,14 +172,21 @@ def export_dynamic(
         except Exception as exc:
             # Some models only export with their example shapes baked in; the report says so.
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            try:
-                program = torch.export.export(model, args, kwargs, strict=False)
-            except Exception as exc:
-                raise CaptureError(f"torch.export could not capture the model: {type(exc).__name__}: {exc}") from exc
+            program = export_static(model, args, kwargs)
     found = program_dynamic_dims(program)
     if reason is None and not found:
         reason = "torch.export specialised every input dim (the model fixes them)"
     return Exported(program, tuple(args), dict(kwargs), found, widened, None if found else reason, not_widened)
+
+
+def export_static(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                  ) -> torch.export.ExportedProgram:
+    """Export `model` (non-strict) with the example shapes; CaptureError when torch.export fails."""
+    try:
+        with mha_fastpath_disabled():
+            return torch.export.export(model, args, kwargs, strict=False)
+    except Exception as exc:
+        raise CaptureError(f"torch.export could not capture the model: {type(exc).__name__}: {exc}") from exc
 
 
 def _by_parameter(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

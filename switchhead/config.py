@@ -17,12 +17,31 @@ DEFAULT_NUM_EXPERTS = 4
 CONFIG_VERSION = 1
 
 
-def check_regex(name: str, pattern: str) -> None:
-    """ValueError naming the option when `pattern` is not a valid regular expression."""
+class ConfigError(ValueError):
+    """An invalid config field. `option_message` says the same in the command line's terms (its
+    option names), where they differ from the field names."""
+
+    def __init__(self, message: str, field: str, option_message: str | None = None):
+        super().__init__(message)
+        self.field = field
+        self.option_message = option_message or message
+
+
+def check_regex(name: str, pattern: str, option: str | None = None) -> None:
+    """ConfigError naming the field (and the command-line `option`) when `pattern` is not a valid
+    regular expression."""
     try:
         re.compile(pattern)
     except re.error as exc:
-        raise ValueError(f"{name} is not a valid regular expression: {exc}") from None
+        raise ConfigError(f"{name} is not a valid regular expression: {exc}", name,
+                          f"{option} {pattern!r} is not a valid regular expression: {exc}" if option else None) from None
+
+
+def check_known_fields(cls: type, data: Mapping[str, Any]) -> None:
+    """ValueError naming the keys of `data` that are not fields of the dataclass `cls`."""
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,44 +99,58 @@ class SwitchHeadConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        if self.num_experts is not None and (not isinstance(self.num_experts, int) or self.num_experts < 1):
-            raise ValueError(f"num_experts must be a positive integer, got {self.num_experts!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
-        if self.num_experts is not None and self.top_k > self.num_experts:
-            raise ValueError(f"top_k must be an integer in [1, num_experts={self.num_experts}], got {self.top_k!r}")
+        """Check every field; ConfigError (a ValueError) names the first bad one, in the field's
+        terms and in the command line's (`ConfigError.option_message`)."""
+        experts, top_k = self.num_experts, self.top_k
+        if experts is not None and (not isinstance(experts, int) or experts < 1):
+            raise ConfigError(f"num_experts must be a positive integer, got {experts!r}", "num_experts",
+                              f"--experts must be at least 1, got {experts}")
+        top_k_option = f"--top-k must be between 1 and --experts ({experts or 'E'}), got {top_k}"
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ConfigError(f"top_k must be a positive integer, got {top_k!r}", "top_k", top_k_option)
+        if experts is not None and top_k > experts:
+            raise ConfigError(f"top_k must be an integer in [1, num_experts={experts}], got {top_k!r}", "top_k",
+                              top_k_option)
         if self.init not in INIT_METHODS:
-            raise ValueError(f"init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}")
+            raise ConfigError(f"init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}", "init")
         if self.num_heads is not None:
             if not isinstance(self.num_heads, int) or self.num_heads < 1:
-                raise ValueError(f"num_heads must be a positive integer, got {self.num_heads!r}")
+                raise ConfigError(f"num_heads must be a positive integer, got {self.num_heads!r}", "num_heads",
+                                  f"--heads must be at least 1, got {self.num_heads}")
             if self.init == "upcycle":
-                raise ValueError("num_heads changes the model's function: use init='fold' (pretrained) or 'random'")
-        elif self.init == "fold" and self.num_experts is None and self.top_k > 1:
-            raise ValueError(f"init='fold' needs num_heads (--heads), fewer than the model's heads: without it every "
-                             f"head stays its own single expert, fewer than top_k={self.top_k}")
+                raise ConfigError("num_heads changes the model's function: use init='fold' (pretrained) or 'random'",
+                                  "num_heads", "--heads changes the model's function: use it with --init fold "
+                                  "(pretrained) or --init random")
         if self.head_dim is not None:
             if not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim < 1:
-                raise ValueError(f"head_dim must be a positive integer, got {self.head_dim!r}")
+                raise ConfigError(f"head_dim must be a positive integer, got {self.head_dim!r}", "head_dim",
+                                  f"--head-dim must be at least 1, got {self.head_dim}")
             if self.init != "random":
-                raise ValueError(f"head_dim changes the heads' size, which init='{self.init}' cannot fill from the "
-                                 "dense heads: use init='random' (or leave head_dim unset)")
+                raise ConfigError(f"head_dim changes the heads' size, which init='{self.init}' cannot fill from the "
+                                  "dense heads: use init='random' (or leave head_dim unset)", "head_dim",
+                                  "--head-dim needs --init random (the dense heads cannot fill heads of another size)")
+        if self.num_heads is None and self.init == "fold" and experts is None and top_k > 1:
+            raise ConfigError(f"init='fold' needs num_heads (--heads), fewer than the model's heads: without it "
+                              f"every head stays its own single expert, fewer than top_k={top_k}", "num_heads")
         if self.fold_qk not in FOLD_QK:
-            raise ValueError(f"fold_qk must be one of {', '.join(FOLD_QK)}, got {self.fold_qk!r}")
+            raise ConfigError(f"fold_qk must be one of {', '.join(FOLD_QK)}, got {self.fold_qk!r}", "fold_qk")
         if not (math.isfinite(self.fold_noise) and 0 <= self.fold_noise < 1):
-            raise ValueError(f"fold_noise must be in [0, 1), got {self.fold_noise!r}")
+            raise ConfigError(f"fold_noise must be in [0, 1), got {self.fold_noise!r}", "fold_noise")
         if self.module_filter is not None:
-            check_regex("module_filter", self.module_filter)
+            check_regex("module_filter", self.module_filter, "--filter")
         if self.init_scale is not None and not (math.isfinite(self.init_scale) and self.init_scale > 0):
-            raise ValueError(f"init_scale must be a positive number, got {self.init_scale!r}")
+            raise ConfigError(f"init_scale must be a positive number, got {self.init_scale!r}", "init_scale")
         if not (math.isfinite(self.upcycle_router_scale) and 0 < self.upcycle_router_scale <= 1e-3):
-            raise ValueError(f"upcycle_router_scale must be in (0, 1e-3], got {self.upcycle_router_scale!r}")
+            raise ConfigError(f"upcycle_router_scale must be in (0, 1e-3], got {self.upcycle_router_scale!r}",
+                              "upcycle_router_scale")
         if self.expert_impl not in EXPERT_IMPLS:
-            raise ValueError(f"expert_impl must be one of {', '.join(EXPERT_IMPLS)}, got {self.expert_impl!r}")
+            raise ConfigError(f"expert_impl must be one of {', '.join(EXPERT_IMPLS)}, got {self.expert_impl!r}",
+                              "expert_impl")
         if self.verify_rtol is not None and not (math.isfinite(self.verify_rtol) and self.verify_rtol > 0):
-            raise ValueError(f"verify_rtol must be a positive number, got {self.verify_rtol!r}")
+            raise ConfigError(f"verify_rtol must be a positive number, got {self.verify_rtol!r}", "verify_rtol")
         if self.version != CONFIG_VERSION:
-            raise ValueError(f"config version {self.version} is not supported (this build reads {CONFIG_VERSION})")
+            raise ConfigError(f"config version {self.version} is not supported (this build reads {CONFIG_VERSION})",
+                              "version")
 
     def check_sites(self, sites: Iterable[Any]) -> None:
         """ConfigMismatchError, before any rewrite, when the head count, experts or top_k cannot be
@@ -159,8 +192,5 @@ class SwitchHeadConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SwitchHeadConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown SwitchHeadConfig fields: {', '.join(unknown)}")
+        check_known_fields(cls, data)
         return cls(**data)

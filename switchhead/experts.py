@@ -24,6 +24,16 @@ class ExpertWeights:
     o_router: Tensor  # [H*E, d_q], fp32
 
 
+def init_setup(seed: int | None, init_scale: float | None, num_sites: int,
+               offset: int = 0) -> tuple[torch.Generator, float]:
+    """(generator, init scale) of a pass that draws initial weights for `num_sites` attention
+    layers: seeded with seed + offset (None: from torch's global RNG), and the paper's init scale
+    1/sqrt(n_layers) unless `init_scale` is given."""
+    generator = torch.Generator().manual_seed((seed if seed is not None else torch.seed()) + offset)
+    scale = init_scale if init_scale is not None else 1.0 / math.sqrt(max(num_sites, 1))
+    return generator, scale
+
+
 def upcycle(
     value_weight: Tensor,
     value_bias: Tensor | None,
@@ -47,7 +57,7 @@ def upcycle(
     experts, the experts receive different gradients and diverge, and the routers learn. (An
     all-zero router would tie: every token would pick the same k experts forever.)
     """
-    scale = 2.0 / top_k
+    scale, _ = upcycle_scales(top_k)
     groups, d, _ = value_weight.shape
     heads = output_weight.shape[0]
     return ExpertWeights(
@@ -57,6 +67,58 @@ def upcycle(
         o_experts=_replicate(output_weight, num_experts) * scale,
         o_router=tiny_router(heads * num_experts, query_width, query_input_rms, router_scale, generator,
                               value_weight.device),
+    )
+
+
+def upcycle_scales(top_k: int, group: int = 1) -> tuple[float, float]:
+    """(V, O) scales of experts copied from dense heads: with every gate at sigmoid(~0) = 1/2, the
+    k active V experts (2/k each) average to their head and the O experts (2G/k each) add up like
+    the G dense heads folded into one did (G = 1: upcycling)."""
+    return 2.0 / top_k, 2.0 * group / top_k
+
+
+def fold(
+    value_heads: Tensor,
+    value_bias: Tensor | None,
+    output_heads: Tensor,
+    group: int,
+    shared_value: bool,
+    query_width: int,
+    top_k: int,
+    noise_std: float,
+    value_input_rms: float,
+    query_input_rms: float,
+    router_scale: float,
+    generator: torch.Generator,
+) -> ExpertWeights:
+    """Experts of heads folded from groups of G dense heads: expert e of a new head is a copy of
+    the dense head it was given, scaled as `upcycle_scales(top_k, G)`.
+
+    value_heads [G2, E, d, dh] (the dense head each V expert copies), value_bias [G2, E, dh] or None,
+    output_heads [H2, E, dh, d_out]. The first G experts of a head are its group's heads; further
+    ones repeat them times (1 + noise_std * N(0, 1)), so they differ. With `shared_value` (GQA: V
+    stays per KV head) the V experts are plain copies of their KV head. Routers as in `upcycle`.
+    """
+    heads, num_experts = output_heads.shape[:2]
+    scale_v, scale_o = upcycle_scales(top_k, group)
+    noise = torch.randn(heads, num_experts, generator=generator) * noise_std
+    noise[:, :group] = 0.0
+    factor = 1 + noise  # [H2, E]
+    if shared_value:
+        v_experts = value_heads * scale_v
+        v_bias = value_bias * scale_v if value_bias is not None else None
+    else:
+        v_experts = value_heads * factor[..., None, None] * scale_v
+        v_bias = value_bias * factor[..., None] * scale_v if value_bias is not None else None
+    o_experts = output_heads * factor[..., None, None] * scale_o
+    groups, _, d, _ = value_heads.shape
+    return ExpertWeights(
+        v_experts=v_experts.contiguous(),
+        v_experts_bias=None if v_bias is None else v_bias.contiguous(),
+        v_router=tiny_router(groups * num_experts, d, value_input_rms, router_scale, generator, value_heads.device),
+        o_experts=o_experts.contiguous(),
+        o_router=tiny_router(heads * num_experts, query_width, query_input_rms, router_scale, generator,
+                              value_heads.device),
     )
 
 

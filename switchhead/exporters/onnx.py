@@ -20,8 +20,8 @@ import torch
 from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
-from switchhead.capture import export_dynamic, hf_cache_disabled, mha_fastpath_disabled
-from switchhead.errors import SwitchHeadError, VerificationError
+from switchhead.capture import export_dynamic, export_static, hf_cache_disabled, mha_fastpath_disabled
+from switchhead.errors import CaptureError, SwitchHeadError, VerificationError
 from switchhead.inputs import example_inputs
 from switchhead.passes.rewrite_experts import router_logits, router_logits_fp32
 
@@ -200,14 +200,15 @@ def _without_autocast_regions(module: torch.nn.Module) -> torch.nn.Module:
 
 def _torch_export(module, args, kwargs, dynamic: bool) -> tuple[torch.export.ExportedProgram, str | None]:
     """Dynamic: the batch and sequence dims as convert() captures them (`capture.export_dynamic`:
-    size-1 example dims widened, the others static); static: the example shapes."""
+    size-1 example dims widened, the others static); static: the example shapes
+    (`capture.export_static`)."""
     if dynamic:
         exported = export_dynamic(module, args, kwargs)
         return exported.program, exported.static_reason
     try:
-        return torch.export.export(module, args, kwargs, strict=False), None
-    except Exception as exc:
-        raise OnnxExportError(f"torch.export could not capture the model: {type(exc).__name__}: {_first_line(exc)}") from exc
+        return export_static(module, args, kwargs), None
+    except CaptureError as exc:
+        raise OnnxExportError(_first_line(exc)) from exc
 
 
 def _pin_numeric_dims(model: ir.Model) -> None:

@@ -17,6 +17,7 @@ tensor reach which positions downstream; pair it with a `rerun` check when mixin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Iterable
 
 import torch
@@ -82,6 +83,20 @@ def replay(
             continue
         prov[node] = _replay_node(node, prov, values, mode)
     return prov
+
+
+def replay_or_raise(
+    region: list[torch.fx.Node],
+    seeds: dict[torch.fx.Node, torch.Tensor],
+    values: dict[torch.fx.Node, Any],
+    mode: str,
+    error: Callable[[str], Exception],
+) -> dict[torch.fx.Node, Any]:
+    """`replay`, with a ProvenanceError turned into the caller's own error (`error(message)`)."""
+    try:
+        return replay(region, seeds, values, mode)
+    except ProvenanceError as exc:
+        raise error(str(exc)) from None
 
 
 def _like(example: Any, ids: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-from switchhead.config import check_regex
+from switchhead.config import check_known_fields, check_regex
 
 LOSSES = ("auto", "kl", "mse", "cosine", "cosine_pooled")
 TASKS = ("auto", "causal_lm", "encoder")
@@ -152,10 +152,7 @@ class HealConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "HealConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown HealConfig fields: {', '.join(unknown)}")
+        check_known_fields(cls, data)
         data = dict(data)
         if "betas" in data:
             data["betas"] = tuple(data["betas"])

@@ -1,9 +1,11 @@
 """Pass: find every multi-head attention and trace it to its V projection, O projection and query.
 
 Contract
-    Input: an exported fx GraphModule and the example value of every node (capture.record_values).
-    Output: an AttentionSite per rewritable attention core and a SkippedSite (one-line reason) per
-    softmax / SDPA that is not one. The graph is never modified.
+    Input: an exported fx GraphModule and a PassState with the example value of every node
+    (capture.record_values).
+    Output: an AttentionSite per rewritable attention core (`state.sites`) and a SkippedSite
+    (one-line reason) per softmax / SDPA that is not one (`state.skipped`); counters `sites` and
+    `skipped`. The graph is never modified.
 
 Method (dataflow, no per-model patterns)
     1. Cores: every SDPA node, and every softmax over the last dim whose output (through casts and
@@ -37,7 +39,8 @@ from switchhead.graph.ops import (
     is_pointwise,
     linear_parts,
 )
-from switchhead.graph.provenance import ProvenanceError, region_between, replay
+from switchhead.graph.provenance import region_between, replay_or_raise
+from switchhead.passes.plan import PassResult, PassState, SiteRejected
 from switchhead.site import AttentionSite, SkippedSite
 
 aten = torch.ops.aten
@@ -47,10 +50,6 @@ _MAX_SCORE_DEPTH = 24
 # [B*H, T, S] scores as [B, H, T, S] around the softmax).
 _SCORE_LAYOUT = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
                  aten.contiguous.default}
-
-
-class SiteRejected(Exception):
-    """This core cannot be rewritten; the message is the reason reported to the user."""
 
 
 def module_of(node: torch.fx.Node) -> tuple[str, str]:
@@ -118,13 +117,12 @@ class _Graph:
         return None
 
 
-def detect_attention(
-    gm: torch.fx.GraphModule, values: dict[torch.fx.Node, Any]
-) -> tuple[list[AttentionSite], list[SkippedSite]]:
-    """Find attention sites in `gm`; see the module docstring for the contract."""
-    graph = _Graph(gm, values)
-    sites: list[AttentionSite] = []
-    skipped: list[SkippedSite] = []
+def detect_attention(gm: torch.fx.GraphModule, state: PassState) -> PassResult:
+    """Find the attention sites of `gm` (into `state.sites`, the rest into `state.skipped`); see the
+    module docstring for the contract. Counters: `sites`, `skipped`."""
+    graph = _Graph(gm, state.values)
+    sites, skipped = state.sites, state.skipped
+    found_before, skipped_before = len(sites), len(skipped)
     claimed: set[torch.fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in SDPA_OPS | SOFTMAX_OPS:
@@ -140,7 +138,7 @@ def detect_attention(
             continue
         claimed.update((site.value_node, site.output_node))
         sites.append(site)
-    return sites, skipped
+    return PassResult(gm, False, {"sites": len(sites) - found_before, "skipped": len(skipped) - skipped_before})
 
 
 # --------------------------------------------------------------------------------------------- core
@@ -305,10 +303,8 @@ def _ids(shape: torch.Size, kind: str) -> torch.Tensor:
 def _replay(graph: _Graph, source: torch.fx.Node, target: Any, seed: torch.Tensor, mode: str, what: str) -> torch.Tensor:
     if target is source:
         return seed
-    try:
-        prov = replay(region_between([source], target), {source: seed}, graph.values, mode)
-    except ProvenanceError as exc:
-        raise SiteRejected(f"{what} path: {exc}") from None
+    prov = replay_or_raise(region_between([source], target), {source: seed}, graph.values, mode,
+                           lambda message: SiteRejected(f"{what} path: {message}"))
     result = prov.get(target)
     if not isinstance(result, torch.Tensor) or result.shape != graph.values[target].shape:
         raise SiteRejected(f"{what} path could not be followed")

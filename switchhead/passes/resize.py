@@ -25,16 +25,13 @@ import torch.fx
 
 from switchhead.graph.ops import CAST_OPS, LAYOUT_OPS, NOOP_OPS, SOFTMAX_OPS
 from switchhead.graph.provenance import ancestors, describe, region_between, rerun
-from switchhead.passes.rewrite_experts import register
+from switchhead.graph.surgery import attribute, module_at, register
+from switchhead.passes.plan import FoldError
 
 aten = torch.ops.aten
 _RTOL = 1e-4  # how closely a constant must match a power of the head size, frequencies a progression
 # What a per-dim weight of a new head size starts at, by the op it enters: neutral elements.
 _FILL = {aten.mul.Tensor: 1.0, aten.div.Tensor: 1.0, aten.add.Tensor: 0.0, aten.sub.Tensor: 0.0}
-
-
-class FoldError(Exception):
-    """The heads of this site cannot be folded or resized; the message says why."""
 
 
 def kept_per_dim(mask: torch.Tensor) -> list[torch.Tensor]:
@@ -233,8 +230,8 @@ def resize_head_operand(gm: torch.fx.GraphModule, values: dict, ext: torch.fx.No
     if root not in cache:
         if root.op == "get_attr":  # next to the tensor it replaces (Llama: the model's rotary_emb)
             path = root.target.rpartition(".")[0]
-        owner = gm.get_submodule(path) if path else gm
-        trainable = root.op == "get_attr" and isinstance(_attr(gm, root.target), torch.nn.Parameter)
+        owner = module_at(gm, path)
+        trainable = root.op == "get_attr" and isinstance(attribute(gm, root.target), torch.nn.Parameter)
         stem = root.target.rpartition(".")[2] if root.op == "get_attr" else "rope_inv_freq"
         name = register(owner, path, f"{stem}_dh{new_head_dim}", new_value, buffer=not trainable)
         with graph.inserting_before(root if root.op != "placeholder" else consumer):
@@ -246,11 +243,6 @@ def resize_head_operand(gm: torch.fx.GraphModule, values: dict, ext: torch.fx.No
             cache[node] = graph.node_copy(node, lambda a: cache.get(a, a))
         cache[node].meta.pop("val", None)
     return cache[ext]
-
-
-def _attr(gm: torch.nn.Module, target: str) -> Any:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 def _line(value: Any, size: int) -> torch.Tensor | None:

@@ -1,8 +1,10 @@
 """Pass: rewrite each detected site's V and O projections into SwitchHead expert ops.
 
 Contract
-    Input: the GraphModule and example values that detection saw, its AttentionSites, a config.
-    Output: the same GraphModule, rewritten in place, and the number of projections rewritten.
+    Input: the GraphModule and a PassState with the example values that detection saw, its
+    AttentionSites, the config and any plans of head folding.
+    Output: the same GraphModule, rewritten in place; the plan applied to each site in
+    `state.applied`; counters `expert_v`, `expert_o` (one each per site) and `rewrites` (both).
     - The V projection's V columns become `switchhead::expert_v` routed on the V projection's input
       (the source tokens); other columns of a fused projection keep a dense linear, and the columns
       are put back in their original order, so everything downstream is untouched.
@@ -19,11 +21,7 @@ Contract
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
-import math
 import operator
-from typing import Any
 
 import torch
 import torch.fx
@@ -31,70 +29,34 @@ import torch.fx
 from switchhead import experts as expert_init
 from switchhead.config import SwitchHeadConfig
 from switchhead.graph.ops import linear_parts
+from switchhead.graph.surgery import drop_unused_attributes, ensure_module, erase_dead, linear_weight, register, rms
 from switchhead.kernels.select import select_experts
+from switchhead.passes.plan import PassResult, PassState, SitePlan
 from switchhead.site import AttentionSite
 
 aten = torch.ops.aten
 ROUTER_META = "switchhead_router"  # on each router's top-k node: the router parameter's name
 
 
-@dataclasses.dataclass
-class SitePlan:
-    """What the rewrite of one site puts in the graph.
+def rewrite_experts(gm: torch.fx.GraphModule, state: PassState) -> PassResult:
+    """Rewrite every site of `state` in place (2 projections each); `state.applied` gets the plan
+    applied to each site.
 
-    Columns are in the coordinates of the V projection's output (`value_columns`,
-    `value_projection_columns`) and of the O projection's input *after* any head folding
-    (`output_columns`). `value_weight`/`value_bias` hold the V projection's full [F, d] weight, with
-    any folded Q/K rows of a fused projection already in place.
+    `state.plans` maps a site's index to a precomputed plan (head folding makes its own); the others
+    get the upcycle or random plan of the config.
     """
-
-    num_heads: int
-    num_kv_heads: int
-    value_columns: torch.Tensor  # [G, dh] V-projection features of each (new) KV head
-    value_projection_columns: torch.Tensor  # sorted V-projection features that survive
-    value_weight: torch.Tensor  # [F, d]
-    value_bias: torch.Tensor | None  # [F]
-    output_columns: torch.Tensor  # [H, dh] O-projection input columns of each (new) head
-    weights: expert_init.ExpertWeights
-
-
-def rewrite_experts(
-    gm: torch.fx.GraphModule,
-    values: dict[torch.fx.Node, Any],
-    sites: list[AttentionSite],
-    config: SwitchHeadConfig,
-    plans: dict[int, SitePlan] | None = None,
-) -> list[SitePlan]:
-    """Rewrite every site in place (2 projections each); returns the plan applied to each site.
-
-    `plans` maps a site's index to a precomputed plan (head folding makes its own); the others get
-    the upcycle or random plan of `config`.
-    """
-    generator = torch.Generator().manual_seed(config.seed if config.seed is not None else torch.seed())
-    init_scale = config.init_scale if config.init_scale is not None else 1.0 / math.sqrt(max(len(sites), 1))
+    config, values = state.config, state.values
+    generator, init_scale = expert_init.init_setup(config.seed, config.init_scale, len(state.sites))
     replaced_attrs: set[str] = set()
-    applied = []
-    for index, site in enumerate(sites):
-        plan = (plans or {}).get(index) or dense_plan(values, site, config, generator, init_scale)
+    for index, site in enumerate(state.sites):
+        plan = state.plans.get(index) or dense_plan(values, site, config, generator, init_scale)
         _rewrite_site(gm, values, site, plan, config, replaced_attrs)
-        applied.append(plan)
+        state.applied.append(plan)
     gm.graph.lint()
     drop_unused_attributes(gm, replaced_attrs)
     gm.recompile()
-    return applied
-
-
-def linear_weight(values: dict, node: torch.fx.Node) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The [out, in] weight and [out] bias of a linear-like node, from the example values."""
-    _, weight, bias, transposed = linear_parts(node)
-    w = values[weight].detach()
-    w = w.t() if transposed else w
-    b = values[bias].detach() if isinstance(bias, torch.fx.Node) else None
-    return w, b
-
-
-def rms(t: torch.Tensor) -> float:
-    return float(t.detach().float().pow(2).mean().sqrt())
+    count = len(state.sites)
+    return PassResult(gm, count > 0, {"expert_v": count, "expert_o": count, "rewrites": 2 * count})
 
 
 def dense_plan(values, site: AttentionSite, config: SwitchHeadConfig, generator, init_scale) -> SitePlan:
@@ -127,7 +89,7 @@ def _rewrite_site(gm, values, site: AttentionSite, plan: SitePlan, config: Switc
     v_input = linear_parts(v_proj)[0]
     o_input = linear_parts(o_proj)[0]
     weights = plan.weights
-    owner = _ensure_module(gm, site.path)
+    owner = ensure_module(gm, site.path)
     names = {
         name: register(owner, site.path, name, tensor)
         for name, tensor in (
@@ -242,54 +204,5 @@ def _replace(graph: torch.fx.Graph, old: torch.fx.Node, new: torch.fx.Node, befo
         if node not in before:
             node.meta["nn_module_stack"] = stack
     old.replace_all_uses_with(new)
-    _erase_dead(graph, old, replaced_attrs)
+    replaced_attrs |= erase_dead(graph, [old])
     return set(graph.nodes)
-
-
-def _erase_dead(graph: torch.fx.Graph, node: torch.fx.Node, replaced_attrs: set[str]) -> None:
-    """Erase `node` and the inputs only it used (weights, their slices); remember freed attributes."""
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n.users or n.op not in ("call_function", "get_attr"):
-            continue
-        inputs = n.all_input_nodes
-        if n.op == "get_attr":
-            replaced_attrs.add(n.target)
-        graph.erase_node(n)
-        stack.extend(inputs)
-
-
-def _ensure_module(gm: torch.nn.Module, path: str) -> torch.nn.Module:
-    module = gm
-    for part in filter(None, path.split(".")):
-        if not hasattr(module, part):
-            module.add_module(part, torch.nn.Module())
-        module = getattr(module, part)
-    return module
-
-
-def register(owner: torch.nn.Module, path: str, name: str, tensor: torch.Tensor, buffer: bool = False) -> str:
-    """Register a new parameter (or buffer) on `owner` under a free name; returns its full path."""
-    unique, i = name, 1
-    while hasattr(owner, unique):
-        unique, i = f"{name}_{i}", i + 1
-    if buffer:
-        # index buffers are built on the CPU; they must live where the module's weights are
-        reference = next(itertools.chain(owner.parameters(), owner.buffers()), None)
-        owner.register_buffer(unique, tensor if reference is None else tensor.to(reference.device))
-    else:
-        owner.register_parameter(unique, torch.nn.Parameter(tensor.contiguous()))
-    return f"{path}.{unique}" if path else unique
-
-
-def drop_unused_attributes(gm: torch.fx.GraphModule, candidates: set[str]) -> None:
-    """Delete replaced dense weights that no graph node reads any more."""
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for target in candidates - used:
-        *parents, leaf = target.split(".")
-        owner = gm.get_submodule(".".join(parents)) if parents else gm
-        if leaf in owner._parameters:
-            del owner._parameters[leaf]
-        elif leaf in owner._buffers:
-            del owner._buffers[leaf]

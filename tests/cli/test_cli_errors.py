@@ -212,7 +212,7 @@ def test_heads_the_model_cannot_fold_to_is_a_usage_error(run_cli, tmp_path, monk
     def no_rewrite(*args, **kwargs):
         raise AssertionError("the options were not checked before the rewrite")
 
-    monkeypatch.setattr(switchhead.api, "rewrite_experts", no_rewrite)
+    monkeypatch.setattr(switchhead.api, "PIPELINE", switchhead.api.PIPELINE[:1] + (no_rewrite, no_rewrite))
     examples = Path(__file__).parents[2] / "examples"
     result = run_cli(examples / "llama_small.py", "--init", "fold", "--heads", "3", "-o", tmp_path / "out")
     assert_failed(result, ExitCode.USAGE, "num_heads=3 does not fit model.layers.0.self_attn (and 1 more like it)",

@@ -17,6 +17,7 @@ def test_finds_every_attention_with_its_geometry(case):
     analysis = switchhead.analyze(model, args, kwargs)
 
     assert len(analysis.sites) == case.sites, [s.reason for s in analysis.skipped]
+    assert analysis.counters["detect_attention"] == {"sites": case.sites, "skipped": 0}
     assert not analysis.skipped
     assert analysis.captured.dynamic, analysis.captured.static_reason
     for site in analysis.sites:

@@ -38,6 +38,9 @@ def test_fold_runs_with_fewer_heads_trains_and_stays_dynamic(case, num_heads):
         assert site["num_experts"] == group  # defaults to the group size
         assert site["new_num_kv_heads"] == (case.kv_heads if case.kv_heads < case.heads else num_heads)
     assert report.notes and "lossy" in report.notes[0]
+    counters = switchhead.api.pass_counters(new)["fold_heads"]
+    assert counters["folded_sites"] == case.sites and counters["resized_sites"] == 0
+    assert counters["edited_ops"] >= case.sites  # at least the head view of each site
     assert sum(1 for n in new.graph.nodes if n.target is torch.ops.switchhead.expert_o.default) == case.sites
     for name, param in new.named_parameters():
         if name.endswith("o_experts"):

@@ -40,6 +40,8 @@ def test_new_head_size_runs_trains_and_stays_dynamic(case):
     new = _random(model, *case.example_inputs(), num_heads=heads, head_dim=head_dim)
     report = switchhead.report_of(new)
     assert all(s["new_num_heads"] == heads and s["new_head_dim"] == head_dim for s in report.sites)
+    counters = switchhead.api.pass_counters(new)["fold_heads"]
+    assert counters["folded_sites"] == counters["resized_sites"] == case.sites
     kv_heads = min(case.kv_heads, heads)
     for name, param in new.named_parameters():
         leaf = name.rsplit(".", 1)[-1]

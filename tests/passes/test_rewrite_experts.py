@@ -20,6 +20,10 @@ def test_upcycled_model_is_exact_at_example_and_other_shape(case):
     model, new = converted(case.name)
     report = switchhead.report_of(new)
     assert report.rewrites == 2 * case.sites
+    counters = switchhead.api.pass_counters(new)
+    assert counters["rewrite_experts"] == {"expert_v": case.sites, "expert_o": case.sites, "rewrites": 2 * case.sites}
+    assert counters["detect_attention"] == {"sites": case.sites, "skipped": 0}
+    assert counters["fold_heads"] == {}  # upcycling keeps the heads: the fold pass must not fire
     assert len(_expert_nodes(new, torch.ops.switchhead.expert_v.default)) == case.sites
     assert len(_expert_nodes(new, torch.ops.switchhead.expert_o.default)) == case.sites
     assert report.verify_max_error is not None and report.verify_max_error <= RTOL

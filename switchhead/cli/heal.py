@@ -1,8 +1,8 @@
 """The `--heal-*` options of `switchhead-rewrite`: heal the converted model against the original on
 text files, with the model file's own tokenizer, before it is saved.
 
-Kept apart from switchhead/cli.py, which only applies `heal_options` to its command, checks them with
-`check_heal_options` and calls `heal_converted` between converting and saving.
+The convert command (convert.py) applies `heal_options`, checks them with `check_heal_options` and
+calls `heal_converted` between converting and saving.
 """
 
 from __future__ import annotations
