@@ -20,8 +20,8 @@ def test_paper_shapes_are_analysed_and_reported(tmp_path):
     rows = json.loads((tmp_path / "kernel_analysis.json").read_text())["rows"]
     assert rows == result["rows"]
     assert {r["shape"] for r in rows} == set(bench.SHAPES)
-    assert all(len([r for r in rows if r["shape"] == s]) == 18 for s in bench.SHAPES)  # 4 + 5 + 4 + 5 launches
+    assert all(len([r for r in rows if r["shape"] == s]) == 19 for s in bench.SHAPES)  # 4 + 6 + 4 + 5 launches
     assert all(r["analysis_ms"] > 0 and r["written"] for r in rows)
     assert not any(r["inputs_written"] for r in rows)
     text = doc.read_text()
-    assert "kernel table" in text and f"## {bench.TITLE}" in text and "| 262M | 18 |" in text
+    assert "kernel table" in text and f"## {bench.TITLE}" in text and "| 262M | 19 |" in text
