@@ -202,6 +202,37 @@ def paper_memory(g: AttentionGeometry, seq_len: int) -> int:
     return H * (4 * T * dh + 2 * C * T * T) + 2 * g.num_experts * T * C + (2 * H * T * dh if g.positional else 0)
 
 
+# PyTorch's fast SDPA kernels (flash / cuDNN / memory-efficient on CUDA) take head sizes that are
+# multiples of 8 up to 256; other sizes fall back to slower kernels: on an H200 (bf16, causal, fwd+bwd)
+# dh = 76 and 132 ran 3-5x slower per FLOP than dh = 112 (../shared/docs/facts.md, 2026-12-03).
+FAST_HEAD_DIM_MULTIPLE = 8
+FAST_HEAD_DIM_MAX = 256
+
+
+def fast_attention_head_dim(head_dim: int) -> bool:
+    """Whether PyTorch's fast SDPA kernels take this head size (a multiple of 8, at most 256)."""
+    return head_dim % FAST_HEAD_DIM_MULTIPLE == 0 and 0 < head_dim <= FAST_HEAD_DIM_MAX
+
+
+def nearest_fast_head_dims(head_dim: int) -> tuple[int, ...]:
+    """The fast head sizes either side of `head_dim` (one of them when it is out of range)."""
+    m = FAST_HEAD_DIM_MULTIPLE
+    below, above = head_dim // m * m, -(-head_dim // m) * m
+    return tuple(dict.fromkeys(x for x in (below, above) if 0 < x <= FAST_HEAD_DIM_MAX)) or (FAST_HEAD_DIM_MAX,)
+
+
+def head_dim_note(dense_head_dim: int, head_dim: int) -> str | None:
+    """A one-line warning when the converted head size leaves the fast SDPA kernels, else None (also when
+    the conversion keeps a dense head size that was never on them: nothing was chosen there)."""
+    if fast_attention_head_dim(head_dim) or head_dim == dense_head_dim:
+        return None
+    was = " (the dense model's %d is)" % dense_head_dim if fast_attention_head_dim(dense_head_dim) else ""
+    sizes = " or ".join(str(x) for x in nearest_fast_head_dims(head_dim))
+    return (f"head size {head_dim} is not on PyTorch's fast SDPA path{was}: flash/cuDNN attention needs a multiple "
+            f"of {FAST_HEAD_DIM_MULTIPLE} up to {FAST_HEAD_DIM_MAX}, and other sizes ran 3-5x slower per FLOP on an "
+            f"H200; choose head_dim={sizes}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SiteCosts:
     """One rewritten site: its geometry and costs before (dense) and after (SwitchHead)."""

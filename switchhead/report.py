@@ -48,6 +48,8 @@ class ConversionReport:
                          kv_bytes=plan.weights.v_experts.element_size())
             described.append(entry)
         report = cls(sites=described, skipped=[s.to_dict() for s in skipped], versions=versions(), **fields)
+        sizes = dict.fromkeys((entry["head_dim"], entry["new_head_dim"]) for entry in described)
+        report.notes.extend(note for note in (accounting.head_dim_note(*pair) for pair in sizes) if note)
         report.costs = report.cost_summary(DEFAULT_COST_SEQ_LEN)
         return report
 
@@ -63,7 +65,8 @@ class ConversionReport:
         """Rows (label, before, after, after/before) over all sites, for the report and the CLI: the
         heads and head size of each side first, then the costs. `print()` it for an aligned table."""
         per_site = self.site_costs(seq_len)
-        return CostTable([_geometry_row(per_site), *accounting.format_table(*accounting.totals(per_site))])
+        return CostTable([_geometry_row(per_site), _fast_path_row(per_site),
+                          *accounting.format_table(*accounting.totals(per_site))])
 
     def cost_summary(self, seq_len: int) -> dict[str, Any]:
         per_site = self.site_costs(seq_len)
@@ -107,6 +110,14 @@ def _geometry_row(per_site: list[accounting.SiteCosts]) -> tuple[str, str, str, 
     def joined(geometries) -> str:
         return "; ".join(dict.fromkeys(describe(g) for g in geometries))
     return ("heads x head dim", joined(c.dense for c in per_site), joined(c.switchhead for c in per_site), "")
+
+
+def _fast_path_row(per_site: list[accounting.SiteCosts]) -> tuple[str, str, str, str]:
+    """('fast SDPA head size', 'yes' / 'no (76)', ...): whether flash/cuDNN attention takes each side's sizes."""
+    def describe(geometries) -> str:
+        slow = sorted({g.head_dim for g in geometries if not accounting.fast_attention_head_dim(g.head_dim)})
+        return "yes" if not slow else "no (" + ", ".join(map(str, slow)) + ")"
+    return ("fast SDPA head size", describe(c.dense for c in per_site), describe(c.switchhead for c in per_site), "")
 
 
 def versions() -> dict[str, str]:

@@ -49,7 +49,7 @@ def test_cost_table_prints_as_a_table():
     assert lines[0].split() == ["dense", "SwitchHead", "after/before"] and set(lines[1]) == {"-"}
     assert len(lines) == len(table) + 2 and lines[2].startswith("heads x head dim")
     assert all(row[0] in line for row, line in zip(table, lines[2:]))
-    assert table[1][0] == "parameters (attention weights)"  # still the rows, for scripts
+    assert table[1][0] == "fast SDPA head size" and table[2][0] == "parameters (attention weights)"  # rows, for scripts
 
 
 def test_parameter_change_is_signed(run_cli, write_model, tmp_path):

@@ -40,6 +40,10 @@ def test_fold_runs_with_fewer_heads_trains_and_stays_dynamic(case, num_heads):
     assert report.notes and "lossy" in report.notes[0]
     counters = switchhead.api.pass_counters(new)["fold_heads"]
     assert counters["folded_sites"] == case.sites and counters["resized_sites"] == 0
+    # folding merges heads and never resizes them: a head size on the fast SDPA path stays on it
+    report = switchhead.report_of(new)
+    assert all(site["new_head_dim"] == site["head_dim"] for site in report.sites)
+    assert not any("fast SDPA" in note for note in report.notes)
     assert counters["edited_ops"] >= case.sites  # at least the head view of each site
     assert sum(1 for n in new.graph.nodes if n.target is torch.ops.switchhead.expert_o.default) == case.sites
     for name, param in new.named_parameters():

@@ -223,6 +223,8 @@ def test_paper_262m_configuration_costs_follow_the_new_head_size():
         == (5.4, 21)
     table = {row[0]: row[1:] for row in switchhead.report_of(new).cost_table(512)}
     assert table["heads x head dim"] == ("16 x 64", "4 x 112, E=4, k=2", "")
+    assert table["fast SDPA head size"] == ("yes", "yes", "")
+    assert not any("fast SDPA" in note for note in switchhead.report_of(new).notes)
     assert table["KV cache per token"][:2] == ("8.19KB", "3.58KB")  # 2 H dh fp32 bytes: 16 x 64 -> 4 x 112
 
 
@@ -233,6 +235,12 @@ def test_47m_configuration_with_an_odd_head_size():
     new = switchhead.convert(model, (torch.randint(0, 50, (2, 5)),), config=cfg)
     parameters = dict(new.named_parameters())
     assert parameters["attns.0.v_experts"].shape == (2, 5, 412, 76)
+    # 76 leaves the fast SDPA kernels (41 never was on them): the report says so and names the sizes near it
+    report = switchhead.report_of(new)
+    table = {row[0]: row[1:] for row in report.cost_table(512)}
+    assert table["fast SDPA head size"] == ("no (41)", "no (76)", "")
+    assert any("head size 76 is not on PyTorch's fast SDPA path" in n and "head_dim=72 or 80" in n
+               for n in report.notes), report.notes
     assert parameters["attns.0.o_experts"].shape == (2, 5, 76, 412)
     assert parameters["attns.0.q_weight"].shape == (2 * 76, 412)
     divisor = next(n.args[1] for n in new.graph.nodes if n.target is torch.ops.aten.div.Tensor)
@@ -321,3 +329,15 @@ def test_head_dim_needs_random_init():
             switchhead.SwitchHeadConfig(init="random", head_dim=bad)
     config = switchhead.SwitchHeadConfig(init="random", num_heads=4, head_dim=112)
     assert switchhead.SwitchHeadConfig.from_dict(config.to_dict()) == config
+
+
+def test_fast_head_sizes_and_the_note():
+    assert [dh for dh in (8, 12, 64, 76, 112, 128, 132, 256, 264) if accounting.fast_attention_head_dim(dh)] == \
+        [8, 64, 112, 128, 256]
+    assert accounting.nearest_fast_head_dims(132) == (128, 136)
+    assert accounting.nearest_fast_head_dims(300) == (256,)
+    assert accounting.head_dim_note(64, 112) is None
+    assert accounting.head_dim_note(76, 76) is None  # kept, not chosen
+    note = accounting.head_dim_note(64, 132)
+    assert "head size 132" in note and "(the dense model's 64 is)" in note and "head_dim=128 or 136" in note
+
