@@ -6,6 +6,7 @@ import torch
 import switchhead
 from helpers import converted, new_parameter_names, output_sum
 from switchhead.inspect import expert_usage
+from switchhead.passes.rewrite_experts import router_logits
 from zoo import ZOO, ZOO_BY_NAME
 
 RTOL = 1e-5
@@ -26,6 +27,8 @@ def test_upcycled_model_is_exact_at_example_and_other_shape(case):
     assert counters["fold_heads"] == {}  # upcycling keeps the heads: the fold pass must not fire
     assert len(_expert_nodes(new, torch.ops.switchhead.expert_v.default)) == case.sites
     assert len(_expert_nodes(new, torch.ops.switchhead.expert_o.default)) == case.sites
+    # self-attention: V and O routers share one GEMM; cross-attention routes on two inputs
+    assert len(_expert_nodes(new, router_logits)) == case.sites + case.cross_sites
     assert report.verify_max_error is not None and report.verify_max_error <= RTOL
     args, kwargs = case.other_inputs()
     with torch.no_grad():
