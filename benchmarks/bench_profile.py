@@ -1,0 +1,193 @@
+"""Where does each side of the 262M pair spend its training step? (issue 16's profile; H200, bf16)
+
+The dense LM of benchmarks/e2e_models.py and its SwitchHead rewrite (H=4 E=4 k=2 dh=112, the paper's
+C4 config), each compiled (default mode, batch and sequence dynamic) and profiled over a few training
+steps (forward, cross-entropy, backward, fused AdamW) with `torch.profiler` at each length T, with the
+same tokens per step. Printed per length: GPU time per step of each kernel category, SwitchHead
+against dense (the baseline), then each side's top kernels and its matrix products by input shape
+(which GEMM is the router's, which the experts'). The SwitchHead-only categories (routers, gating,
+expert kernels) are what the rewrite adds beyond the heads it removed.
+
+    python -m benchmarks.bench_profile --out OUT [--seq-lens 512 2048] [--tokens 16384]
+    python -m benchmarks.bench_profile --device cpu --tiny --out /tmp/prof     # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import switchhead
+from benchmarks import e2e_models as em
+
+MODELS = {
+    "262M": (em.LMConfig("262M", d=1024, layers=18, heads=16, head_dim=64),
+             dict(num_heads=4, num_experts=4, top_k=2, head_dim=112)),
+    "tiny": (em.LMConfig("tiny", d=32, layers=1, heads=4, head_dim=8, vocab=128),
+             dict(num_heads=2, num_experts=3, top_k=2, head_dim=12)),
+}
+# kernel name -> category; first match wins (Inductor names its kernels after the aten ops they fuse)
+CATEGORIES = (
+    ("attention core", re.compile(r"flash|fmha|attention|sdpa", re.I)),
+    ("expert kernels (ours)", re.compile(r"_fan_in|_fan_out|_wgrad|_route|_select|_sig_", re.I)),
+    ("optimizer", re.compile(r"multi_tensor|adam", re.I)),
+    ("GEMM (cuBLAS/CUTLASS)", re.compile(r"gemm|sm90_|xmma|cutlass|nvjet|cublas|splitK", re.I)),
+    ("Inductor reduction", re.compile(r"^triton_(red|per)_")),
+    ("Inductor pointwise", re.compile(r"^triton_poi_")),
+    ("copy / fill / other", re.compile(r".")),
+)
+ANNOTATION = re.compile(r"^## |#")
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm", "aten::linear")
+
+
+def category(kernel: str) -> str:
+    return next(name for name, pattern in CATEGORIES if pattern.search(kernel))
+
+
+def device_us(event: Any) -> float:
+    return float(getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0) or 0)
+
+
+def profile_steps(step, steps: int, cuda: bool) -> dict[str, Any]:
+    """Kernels (name -> us per step), categories (name -> us per step) and GEMMs by input shape."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    kernels: dict[str, float] = collections.Counter()
+    if cuda:
+        for e in prof.key_averages():
+            # "## Call CompiledFxGraph ..." and "Optimizer.step#..." are annotations spanning kernels
+            if (getattr(e, "device_type", None) == DeviceType.CUDA and device_us(e) > 0
+                    and not ANNOTATION.search(e.key)):
+                kernels[e.key] += device_us(e) / steps
+    else:  # CPU smoke run: top-level ops stand in for kernels
+        for e in prof.key_averages():
+            if e.self_cpu_time_total > 0:
+                kernels[e.key] += e.self_cpu_time_total / steps
+    cats: dict[str, float] = collections.Counter()
+    for name, us in kernels.items():
+        cats[category(name)] += us
+    gemms = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key in GEMM_OPS:
+            total = (getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)) if cuda else e.cpu_time_total
+            gemms.append({"op": e.key, "shapes": str(e.input_shapes)[:120], "calls": e.count / steps,
+                          "us": float(total) / steps})
+    gemms.sort(key=lambda g: -g["us"])
+    return {"kernels": dict(kernels), "categories": dict(cats), "gemms": gemms[:25]}
+
+
+def build(name: str, device: torch.device) -> dict[str, torch.nn.Module]:
+    cfg, sh = MODELS[name]
+    torch.manual_seed(0)
+    dense = em.DecoderLM(cfg)
+    t = time.perf_counter()
+    converted = switchhead.convert(copy.deepcopy(dense).to(device), (torch.randint(0, cfg.vocab, (2, 16), device=device),),
+                                   config=switchhead.SwitchHeadConfig(init="random", **sh))
+    print(f"converted {name} in {time.perf_counter() - t:.1f} s", flush=True)
+    return {"dense": dense.to(device), "switchhead": converted}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    cfg = MODELS[args.model][0]
+    models = build(args.model, device)
+    out: dict[str, Any] = {"model": args.model, "tokens": args.tokens, "rows": []}
+    for side, lm in models.items():
+        wrapper = torch.compile(em.WithLoss(lm), disable=not cuda)
+        params = [p for p in lm.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
+        for T in args.seq_lens:
+            B = max(1, args.tokens // T)
+            tokens = torch.randint(0, cfg.vocab, (B, T + 1), generator=torch.Generator().manual_seed(T)).to(device)
+            x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+            if cuda:
+                for t in (x, y):
+                    torch._dynamo.mark_dynamic(t, 0)
+                    torch._dynamo.mark_dynamic(t, 1)
+
+            def step():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    loss = wrapper(x, y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            t0 = time.perf_counter()
+            for _ in range(args.warmup):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+            print(f"{side} T={T}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+            row = {"side": side, "seq_len": T, "batch": B, **profile_steps(step, args.steps, cuda)}
+            out["rows"].append(row)
+        models[side] = None
+        del wrapper, opt, params
+        if cuda:
+            torch.cuda.empty_cache()
+    return out
+
+
+def table(result: dict[str, Any], top: int = 12) -> str:
+    lines = []
+    for T in sorted({r["seq_len"] for r in result["rows"]}):
+        rows = {r["side"]: r for r in result["rows"] if r["seq_len"] == T}
+        dense, sh = rows.get("dense"), rows.get("switchhead")
+        lines += [f"### {result['model']}, T={T}, {result['tokens']} tokens per step: GPU ms per training step", "",
+                  "| category | dense | SwitchHead | SH - dense |", "|---|---|---|---|"]
+        for name, _ in CATEGORIES:
+            a = dense["categories"].get(name, 0.0) / 1e3 if dense else 0.0
+            b = sh["categories"].get(name, 0.0) / 1e3 if sh else 0.0
+            lines.append(f"| {name} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
+        tot = [sum(r["categories"].values()) / 1e3 if r else 0.0 for r in (dense, sh)]
+        lines += [f"| all kernels | {tot[0]:.3f} | {tot[1]:.3f} | {tot[1] - tot[0]:+.3f} ({tot[1] / max(tot[0], 1e-9):.2f}x) |", ""]
+        for side, r in rows.items():
+            lines += [f"{side} T={T}, top kernels (ms/step, category, name):", ""]
+            for name, us in sorted(r["kernels"].items(), key=lambda kv: -kv[1])[:top]:
+                lines.append(f"    {us / 1e3:8.3f}  {category(name)[:12]:12s}  {name[:110]}")
+            lines += ["", f"{side} T={T}, matrix products by input shape (ms/step incl. children, calls/step):", ""]
+            for g in r["gemms"][:top]:
+                lines.append(f"    {g['us'] / 1e3:8.3f}  {g['calls']:5.1f}  {g['op']:12s} {g['shapes']}")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("profile_out"))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=None, help="default 512 2048")
+    ap.add_argument("--tokens", type=int, default=None, help="tokens per step (default 16384)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3)
+    args = ap.parse_args(argv)
+    args.model = "tiny" if args.tiny else "262M"
+    args.seq_lens = args.seq_lens or ([16, 8] if args.tiny else [512, 2048])
+    args.tokens = args.tokens or (32 if args.tiny else 16384)
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile.json").write_text(json.dumps(result, indent=1))
+    text = table(result)
+    (args.out / "profile.md").write_text(text + "\n")
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
