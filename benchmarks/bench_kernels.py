@@ -280,7 +280,17 @@ def routing_rows(shapes: list[Shape], n: int, device: str, bench) -> list[dict]:
         ms_topk = bench(lambda: (lambda t: (t.indices, t.values.sigmoid()))(logits.topk(s.k, dim=-1)))
         idx, gates = fast(logits, s.k)
         same = bool(torch.equal(idx, torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., : s.k]))
-        out.append(dict(shape=s.name, tokens=n, select_ms=ms_sel, topk_ms=ms_topk, same_as_stable_sort=same))
+        # In a model the selection is compiled together with its consumer: its cost there is the V op
+        # routed from the logits minus the V op given the routing, both compiled (default impl).
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        x = torch.randn(n, s.d, device=device, dtype=dtype)
+        w = (torch.randn(s.h, s.e, s.d, s.dh, device=device) * s.d ** -0.5).to(dtype)
+        given = torch.compile(lambda x, w, i, g: torch.ops.switchhead.expert_v(x, w, None, i, g))
+        routed = torch.compile(lambda x, w, lg: torch.ops.switchhead.expert_v(x, w, None, *select_experts(lg, s.k)))
+        ms_given = bench(lambda: given(x, w, idx, gates))
+        ms_routed = bench(lambda: routed(x, w, logits))
+        out.append(dict(shape=s.name, tokens=n, select_ms=ms_sel, topk_ms=ms_topk, same_as_stable_sort=same,
+                        v_given_ms=ms_given, v_routed_ms=ms_routed))
     return out
 
 
@@ -342,7 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
     sel_lines = [f"| {x['shape']} | {x['tokens'] // 1024}k | {1e3 * x['select_ms']:.1f} | {1e3 * x['topk_ms']:.1f} | "
                  f"{100 * x['select_ms'] / op_ms[(x['shape'], x['tokens'], 'V fwd')]:.1f}% / "
                  f"{100 * x['select_ms'] / op_ms[(x['shape'], x['tokens'], 'O fwd')]:.1f}% | "
-                 f"{'yes' if x['same_as_stable_sort'] else 'NO'} |" for x in sel]
+                 f"{'yes' if x['same_as_stable_sort'] else 'NO'} | {x['v_given_ms']:.3f} | {x['v_routed_ms']:.3f} | "
+                 f"{100 * (x['v_routed_ms'] - x['v_given_ms']) / x['v_given_ms']:+.1f}% |" for x in sel]
     body = "\n".join([
         f"Device: {dev}; {versions}; bf16, random routing, torch.compile (dynamic tokens) for every expert variant, "
         "CUDA-graph replay medians, one run.",
@@ -355,8 +366,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"Largest error of any variant's V/O forward against fp64, over all rows: {worst:.1e} (bf16).",
         "", table(rows), "",
         "Router selection (select_experts compiled, one kernel) against torch.topk + sigmoid, fp32 logits "
-        "[N, H, E]; share = selection / auto op time (V fwd / O fwd):", "",
-        "| shape | N | select us | topk us | share of op | = stable sort |", "|---|---|---|---|---|---|", *sel_lines,
+        "[N, H, E]; share = selection alone / auto op time (V fwd / O fwd); in situ = the V op compiled with its "
+        "selection from the logits against the V op given the selection (target: routing < 5% of the op):", "",
+        "| shape | N | select us | topk us | share of op | = stable sort | V given ms | V from logits ms | in situ |",
+        "|---|---|---|---|---|---|---|---|---|", *sel_lines,
         "", "Each backward op alone (compiled), the dense formula against the sparse kernels (choice.py's input):", "",
         "| shape | N | op | dense ms | sparse ms | sparse / dense speed |", "|---|---|---|---|---|---|",
         *[f"| {b['shape']} | {b['tokens'] // 1024}k | {b['op']} | {b['dense_ms']:.3f} | {b['sparse_ms']:.3f} | "
