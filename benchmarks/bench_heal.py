@@ -145,7 +145,7 @@ def load_smollm2(gguf: str | None = None, tokenizer_dir: str | None = None):
     return model.eval(), AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-def _attention_layers(model: torch.nn.Module):
+def attention_layers(model: torch.nn.Module):
     """(key module, its output projection, H, KV heads that stay, dh) of each HF BERT / Llama
     attention (BERT: 1, since a pruned head takes its own K and V with it; Llama: its KV heads)."""
     for module in model.modules():
@@ -163,7 +163,7 @@ def head_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[
     token of `batch` (the usual importance score: a head that writes little can go)."""
     scores, hooks = {}, []
     mask = batch.get("attention_mask")
-    for key, proj, heads, _, dh in _attention_layers(model):
+    for key, proj, heads, _, dh in attention_layers(model):
         def hook(mod, args, key=key, heads=heads, dh=dh):
             ctx = args[0].float()  # [B, T, H*dh]
             w = mod.weight.float().view(mod.weight.shape[0], heads, dh)  # [d, H, dh]
@@ -204,8 +204,8 @@ def prune_heads(model: torch.nn.Module, heads: int, scores: dict[int, torch.Tens
     heads (Llama: inside each KV group; K/V heads stay), the same grouping as the fold: the first head
     of each group, or with `scores` (head_scores of the original) the group's highest-scoring head."""
     pruned = copy.deepcopy(model)
-    originals = [key for key, *_ in _attention_layers(model)]
-    for key, (module, proj, count, kv, dh) in zip(originals, list(_attention_layers(pruned))):
+    originals = [key for key, *_ in attention_layers(model)]
+    for key, (module, proj, count, kv, dh) in zip(originals, list(attention_layers(pruned))):
         if heads not in valid_head_counts(count, kv):
             raise ValueError(f"cannot prune {count} heads ({kv} KV) to {heads}: choose one of {valid_head_counts(count, kv)}")
         group = count // heads
@@ -305,7 +305,7 @@ METHODS = ("fold", "prune", "prune_best", "prune_macs")
 
 def first_site(model: torch.nn.Module) -> dict[str, Any]:
     """The first attention layer as accounting's site dict (read off the HF modules, no capture)."""
-    _, proj, heads, kv, dh = next(_attention_layers(model))
+    _, proj, heads, kv, dh = next(attention_layers(model))
     d = proj.out_features
     return {"path": "layer 0", "embed_dim": d, "num_heads": heads, "num_kv_heads": heads if kv == 1 else kv, "head_dim": dh,
             "out_dim": d, "query_dim": d, "cross": False}

@@ -149,13 +149,13 @@ def _operands(node: torch.fx.Node) -> tuple[Any, Any]:
     spec = MATMUL_OPS[node.target]
     if spec is None:  # einsum(equation, [a, b])
         operands = node.args[1]
-        if len(operands) != 2 or _einsum_subscripts(node.args[0]) is None:
+        if len(operands) != 2 or einsum_subscripts(node.args[0]) is None:
             raise SiteRejected(f"einsum '{node.args[0]}' is not a batched matrix product")
         return operands[0], operands[1]
     return node.args[spec[0]], node.args[spec[1]]
 
 
-def _einsum_subscripts(equation: str) -> tuple[str, str, str] | None:
+def einsum_subscripts(equation: str) -> tuple[str, str, str] | None:
     """(a, b, out) subscripts of '...ij,...jk->...ik' or of the score form '...id,...jd->...ij'.
 
     The output keeps the left operand's batch letters; the right operand's batch letters are some
@@ -179,7 +179,7 @@ def _as_read_by(graph: _Graph, product: torch.fx.Node, ids: torch.Tensor) -> tor
     batch letters it lacks, so the value of MQA einsum('bhqk,bkd->bhqd') reads as [b, h, k, d]."""
     if product.target is not aten.einsum.default:
         return ids
-    a, b, _ = _einsum_subscripts(product.args[0])
+    a, b, _ = einsum_subscripts(product.args[0])
     if len(b) == len(a):
         return ids
     sizes = iter(ids.shape[:-2])
