@@ -1,5 +1,5 @@
-"""benchmarks/bench_heal.py's pruning baselines on tiny Hugging Face models: which heads they keep, the
-equal-MAC head count, and that pruned models run."""
+"""bench_heal's pruning baselines (benchmarks/heal/pruning.py) on tiny Hugging Face models: which
+heads they keep, the equal-MAC head count, and that pruned models run."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_benchmark("bench_heal")
+    return load_benchmark("heal.pruning")
 
 
 def _model(name: str):
