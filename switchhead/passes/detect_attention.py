@@ -40,6 +40,7 @@ from switchhead.graph.ops import (
     linear_parts,
 )
 from switchhead.graph.provenance import region_between, replay_or_raise
+from switchhead.graph.surgery import attribute
 from switchhead.passes.plan import PassResult, PassState, SiteRejected
 from switchhead.site import AttentionSite, SkippedSite
 
@@ -92,7 +93,7 @@ class _Graph:
             return False
         if node not in self._const:
             if node.op == "get_attr":
-                self._const[node] = isinstance(self._fetch(node.target), torch.nn.Parameter)
+                self._const[node] = isinstance(attribute(self.gm, node.target), torch.nn.Parameter)
             elif node.op == "placeholder" or not node.all_input_nodes:
                 self._const[node] = False
             else:
@@ -100,12 +101,6 @@ class _Graph:
                     self.is_parameter_derived(a) for a in node.all_input_nodes
                 )
         return self._const[node]
-
-    def _fetch(self, target: str) -> Any:
-        obj: Any = self.gm
-        for part in target.split("."):
-            obj = getattr(obj, part)
-        return obj
 
     def projection(self, node: torch.fx.Node):
         parts = linear_parts(node)
