@@ -2,7 +2,7 @@
 kernel write only its outputs?
 
 For every call site of a user Triton kernel, torch lowers the kernel to TTIR and walks back from its
-stores to find the tensors it writes (benchmarks/kernel_launches.py); each written tensor that is
+stores to find the tensors it writes (benchmarks/compile/launches.py); each written tensor that is
 read again later costs a device copy, and the analysis itself is compile time, paid per call site
 and per layer. For the paper's shapes this records every launch of the four ops (forward and
 backward of V and O, without bias as in the paper), runs torch's analysis on each (median of
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.kernel_launches import analysed_writes, recorded_launches
+from benchmarks.compile.launches import analysed_writes, recorded_launches
 from benchmarks.common import SHAPES as EXPERT_SHAPES, write_section
 
 from switchhead.kernels import triton_ops  # noqa: E402

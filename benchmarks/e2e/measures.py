@@ -20,7 +20,7 @@ import torch
 
 import switchhead
 from benchmarks.common import START, log, short_error
-from benchmarks.compile_probe import triton_analysis_probe
+from benchmarks.compile.probe import triton_analysis_probe
 from benchmarks.e2e import models as em
 from benchmarks.e2e.pairs import SIDES, Pair, convert_pair, expert_geometry, mac_figures
 from benchmarks.e2e.report import markdown
