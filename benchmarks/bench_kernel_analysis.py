@@ -2,7 +2,7 @@
 kernel write only its outputs?
 
 For every call site of a user Triton kernel, torch lowers the kernel to TTIR and walks back from its
-stores to find the tensors it writes (benchmarks/kernel_launches.py); each written tensor that is
+stores to find the tensors it writes (benchmarks/compile/launches.py); each written tensor that is
 read again later costs a device copy, and the analysis itself is compile time, paid per call site
 and per layer. For the paper's shapes this records every launch of the four ops (forward and
 backward of V and O, without bias as in the paper), runs torch's analysis on each (median of
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.kernel_launches import analysed_writes, recorded_launches
-from benchmarks.common import write_section
+from benchmarks.compile.launches import analysed_writes, recorded_launches
+from benchmarks.common import SHAPES as EXPERT_SHAPES, write_section
 
 from switchhead.kernels import triton_ops  # noqa: E402
 
 # name: (d, H, E, k, dh), the paper's SwitchHead configurations (issue #4)
-SHAPES = {"262M": (1024, 4, 4, 2, 112), "262M-Wt103": (1024, 2, 8, 4, 132), "47M": (412, 2, 5, 3, 76)}
+SHAPES = {s.name: (s.d, s.h, s.e, s.k, s.dh) for s in EXPERT_SHAPES if s.name in ("262M", "262M-Wt103", "47M")}
 TITLE = "Compile: torch's analysis of the user Triton kernels"
 
 

@@ -34,26 +34,9 @@ import switchhead.kernels  # noqa: F401  (registers the ops)
 from switchhead.kernels import choice, reference
 from switchhead.kernels.select import select_experts
 
-from benchmarks.common import write_section
+from benchmarks.common import SHAPES, Shape, timer, write_section
 
 
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    d: int
-    h: int
-    e: int
-    k: int
-    dh: int
-
-
-SHAPES = [
-    Shape("262M", 1024, 4, 4, 2, 112),
-    Shape("262M-Wt103", 1024, 2, 8, 4, 132),
-    Shape("47M", 412, 2, 5, 3, 76),
-    Shape("SmolLM2 fold", 576, 3, 3, 2, 64),
-    Shape("Llama-1B fold", 2048, 8, 4, 2, 64),
-]
 OPS = ("V fwd", "O fwd", "fwd+bwd")
 SPARSE_TARGETS = {"V fwd": 0.75, "O fwd": 0.60, "fwd+bwd": 0.50}  # of cuBLAS, at 262M and Llama-1B fold
 SPARSE_TARGET_SHAPES = ("262M", "Llama-1B fold")
@@ -72,36 +55,6 @@ class Row:
 
     def ratio(self, base: str, variant: str = "auto") -> float:
         return self.ms[base] / self.ms[variant]
-
-
-def timer(device: str, rep_ms: int) -> Callable[[Callable[[], object]], float]:
-    if device == "cpu":  # the CPU smoke run of the tests: plain wall-clock medians
-        import statistics
-        import time
-
-        def bench_cpu(fn):
-            fn()
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            return statistics.median(times) * 1e3
-
-        return bench_cpu
-    from triton.testing import do_bench, do_bench_cudagraph
-
-    def bench_cuda(fn):
-        fn()
-        torch.cuda.synchronize()
-        try:
-            return do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
-        except RuntimeError as err:  # not capturable: plain launches, said in the output
-            print(f"not capturable, timed with do_bench: {str(err).splitlines()[0][:120]}", flush=True)
-            torch.cuda.synchronize()
-            return do_bench(fn, rep=rep_ms, return_mode="median")
-
-    return bench_cuda
 
 
 def problem(s: Shape, n: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:

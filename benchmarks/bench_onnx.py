@@ -105,18 +105,18 @@ def experiments(quick: bool) -> list[Experiment]:
 # ------------------------------------------------------------------ the first function bodies, for comparison
 
 
-def _v0_expert_v(with_bias: bool) -> onnx_ops._Body:
+def _v0_expert_v(with_bias: bool) -> onnx_ops.Body:
     """ExpertV's body at commit c2d796a: the gated experts summed with Mul + ReduceSum over the experts
     axis (now one batched MatMul). Same signature and semantics."""
-    b = onnx_ops._Body("v0")
-    values = onnx_ops._expert_values(b, with_bias)  # [N, H, E, dh], as in the current body
-    g = onnx_ops._dense_gates(b, "x", "weight", "expert_index", "gates")  # [N, H, E]
+    b = onnx_ops.Body("v0")
+    values = onnx_ops.expert_values(b, with_bias)  # [N, H, E, dh], as in the current body
+    g = onnx_ops.dense_gates(b, "x", "weight", "expert_index", "gates")  # [N, H, E]
     mixed = b("ReduceSum", b("Mul", values, b("Unsqueeze", g, b.ints(-1))), b.ints(2), keepdims=0)
     b("Flatten", mixed, axis=1, out="out")
     return b
 
 
-def _onehot_gates(b: onnx_ops._Body, like: str, gates_axis: int, onehot_axis: int) -> str:
+def _onehot_gates(b: onnx_ops.Body, like: str, gates_axis: int, onehot_axis: int) -> str:
     """The gate table with fewer nodes than ScatterElements: OneHot(expert_index, E) [N, H, k, E]
     (onehot_axis=-1) or [N, H, E, k] (-2), times the gates in a batched MatMul."""
     depth = b("Shape", "weight", start=1, end=2)
@@ -125,16 +125,16 @@ def _onehot_gates(b: onnx_ops._Body, like: str, gates_axis: int, onehot_axis: in
     return b("MatMul", gates, onehot) if onehot_axis == -1 else b("MatMul", onehot, gates)
 
 
-def _onehot_expert_v(with_bias: bool) -> onnx_ops._Body:
-    b = onnx_ops._Body("v1")
-    values = onnx_ops._expert_values(b, with_bias)  # [N, H, E, dh], as in the current body
+def _onehot_expert_v(with_bias: bool) -> onnx_ops.Body:
+    b = onnx_ops.Body("v1")
+    values = onnx_ops.expert_values(b, with_bias)  # [N, H, E, dh], as in the current body
     g = _onehot_gates(b, "x", 2, -1)  # [N, H, 1, k] @ [N, H, k, E] -> [N, H, 1, E]
     b("Flatten", b("MatMul", g, values), axis=1, out="out")
     return b
 
 
-def _onehot_expert_o() -> onnx_ops._Body:
-    b = onnx_ops._Body("o1")
+def _onehot_expert_o() -> onnx_ops.Body:
+    b = onnx_ops.Body("o1")
     g = _onehot_gates(b, "attn", -1, -2)  # [N, H, E, k] @ [N, H, k, 1] -> [N, H, E, 1]
     gated = b("Mul", b("Unsqueeze", "attn", b.ints(2)), g)  # [N, H, E, dh]
     b("MatMul", b("Flatten", gated, axis=1), b("Flatten", "weight", axis=3), out="out")

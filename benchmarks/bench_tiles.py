@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_kernels import SHAPES, timer
+from benchmarks.common import SHAPES, timer
 from switchhead.kernels import fan_in, fan_out, route_triton
 from switchhead.kernels.fan_out import TileConfig
 from switchhead.kernels.select import select_experts

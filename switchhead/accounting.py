@@ -203,8 +203,9 @@ def paper_memory(g: AttentionGeometry, seq_len: int) -> int:
 
 
 # PyTorch's fast SDPA kernels (flash / cuDNN / memory-efficient on CUDA) take head sizes that are
-# multiples of 8 up to 256; other sizes fall back to slower kernels: on an H200 (bf16, causal, fwd+bwd)
-# dh = 76 and 132 ran 3-5x slower per FLOP than dh = 112 (../shared/docs/facts.md, 2026-12-03).
+# multiples of 8 up to 256; other sizes fall back to slower kernels: on an H200 (bf16, causal, fwd+bwd,
+# same tokens, 2026-12-03) H=4 dh=112 ran at 285-397 TFLOP/s, H=2 dh=76 and dh=132 at 26-135 (3-5x
+# slower per FLOP).
 FAST_HEAD_DIM_MULTIPLE = 8
 FAST_HEAD_DIM_MAX = 256
 

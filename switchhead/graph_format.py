@@ -23,6 +23,7 @@ from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
 from switchhead.errors import SwitchHeadError
+from switchhead.graph.surgery import ensure_module
 
 GRAPH_FORMAT_VERSION = 1
 # Python functions a graph may call: operator's and math's, torch's symbolic-size helpers, ours.
@@ -170,12 +171,12 @@ def load_module(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> t
         _place(container, name, value, kinds[name])
     built: torch.fx.GraphModule | None = None
     for entry in document["graphs"]:  # innermost first, so a parent finds its subgraphs in place
-        owner = _container(container, entry["path"])
+        owner = ensure_module(container, entry["path"])
         graph = _load_graph(entry)
         built = torch.fx.GraphModule(owner, graph, class_name="GraphModule")
         if entry["path"]:
             parent, _, attr = entry["path"].rpartition(".")
-            setattr(_container(container, parent), attr, built)
+            setattr(ensure_module(container, parent), attr, built)
     if built is None or document["graphs"][-1]["path"] != "":
         raise GraphFormatError("the document has no root graph")
     for name, value in values.items():  # GraphModule copied plain tensors as buffers: restore each kind
@@ -194,21 +195,9 @@ def _values(kinds: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor]) 
     return values
 
 
-def _container(root: torch.nn.Module, path: str) -> torch.nn.Module:
-    """The submodule at `path`, made of empty modules where missing."""
-    owner = root
-    for part in path.split(".") if path else []:
-        child = getattr(owner, part, None)
-        if child is None:
-            child = torch.nn.Module()
-            setattr(owner, part, child)
-        owner = child
-    return owner
-
-
 def _place(root: torch.nn.Module, name: str, value: torch.Tensor, kind: dict[str, Any]) -> None:
     path, _, attr = name.rpartition(".")
-    owner = _container(root, path)
+    owner = ensure_module(root, path)
     owner._parameters.pop(attr, None)
     owner._buffers.pop(attr, None)
     owner.__dict__.pop(attr, None)

@@ -318,7 +318,7 @@ def _load(root: Path, device: str | torch.device | None, checksums: bool) -> tor
     program_path = root / PROGRAM_FILE
     if checksums:
         check_checksums(root, manifest)
-    tensors = _read_weights(root / WEIGHTS_FILE, device or manifest.get("device", "cpu"))
+    tensors = read_weights(root / WEIGHTS_FILE, device or manifest.get("device", "cpu"))
     inputs = {name: tensors.pop(name) for name in [n for n in tensors if n.startswith(INPUTS_PREFIX)]}
     try:
         document = json.loads(program_path.read_text(encoding="utf-8"))
@@ -394,7 +394,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_weights(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of a saved model.safetensors on `device`, aliases resolved; LoadError when it is not one."""
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             metadata = f.metadata() or {}

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import click
 import torch
 
-from switchhead.healing.config import LOSSES
+from switchhead.healing.config import LAYOUTS, LOSSES
 
 HEAL_PARAMS = ("heal_data", "heal_steps", "heal_minutes", "heal_lr", "heal_batch_size", "heal_seq_len", "heal_loss",
                "heal_layout", "heal_eval_every", "heal_checkpoint_dir", "heal_checkpoint_every", "heal_resume",
@@ -41,7 +41,7 @@ def heal_options(command: Callable) -> Callable:
         click.option("--heal-loss", type=click.Choice(LOSSES), default="auto", show_default=True,
                      help="kl on logits, mse / cosine on hidden states, cosine_pooled adds the sentence embeddings' "
                           "cosine; auto: kl when the model outputs logits."),
-        click.option("--heal-layout", type=click.Choice(["auto", "packed", "sentences"]), default="auto",
+        click.option("--heal-layout", type=click.Choice(["auto", *LAYOUTS]), default="auto",
                      show_default=True,
                      help="packed: documents joined and cut into --heal-seq-len windows (language models); "
                           "sentences: one line per sequence, padded (encoders); auto: sentences when the "

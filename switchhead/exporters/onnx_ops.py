@@ -68,7 +68,7 @@ def translation_table() -> dict:
 # ------------------------------------------------------------------ function bodies (standard ops)
 
 
-class _Body:
+class Body:
     """A tiny node-list builder: `b("MatMul", a, c)` appends a node and returns its output name."""
 
     def __init__(self, prefix: str):
@@ -85,7 +85,7 @@ class _Body:
                                                         [len(values)], list(values)))
 
 
-def _dense_gates(b: _Body, like: str, weight: str, expert_index: str, gates: str) -> str:
+def dense_gates(b: Body, like: str, weight: str, expert_index: str, gates: str) -> str:
     """G [N, H, E] in the dtype of `like`: gates scattered (summed) at expert_index, zeros elsewhere."""
     zero = b("CastLike", b("Constant", value_float=0.0), like)
     shape = b("Concat", b("Shape", expert_index, end=2), b("Shape", weight, start=1, end=2), axis=0)  # [N, H, E]
@@ -93,7 +93,7 @@ def _dense_gates(b: _Body, like: str, weight: str, expert_index: str, gates: str
              axis=2, reduction="add")
 
 
-def _expert_values(b: _Body, with_bias: bool) -> str:
+def expert_values(b: Body, with_bias: bool) -> str:
     """Every expert's value of every token, [N, H, E, dh]: ONE MatMul x [N, d] @ [d, H*E*dh]."""
     flat_w = b("Flatten", b("Transpose", "weight", perm=[2, 0, 1, 3]), axis=1)  # [d, H*E*dh]
     values = b("MatMul", "x", flat_w)  # [N, H*E*dh]
@@ -102,21 +102,21 @@ def _expert_values(b: _Body, with_bias: bool) -> str:
     return b("Add", values, "bias") if with_bias else values
 
 
-def _expert_v_body(with_bias: bool) -> _Body:
+def _expert_v_body(with_bias: bool) -> Body:
     # out[n, h] = sum_k gates[n,h,k] * (x[n] @ W[h, idx[n,h,k]] + b[h, idx[n,h,k]])
-    b = _Body("v")
-    values = _expert_values(b, with_bias)  # [N, H, E, dh]
-    g = b("Unsqueeze", _dense_gates(b, "x", "weight", "expert_index", "gates"), b.ints(2))  # [N, H, 1, E]
+    b = Body("v")
+    values = expert_values(b, with_bias)  # [N, H, E, dh]
+    g = b("Unsqueeze", dense_gates(b, "x", "weight", "expert_index", "gates"), b.ints(2))  # [N, H, 1, E]
     # The gated sum over experts as a batched [1, E] @ [E, dh] product: one op, and faster in onnxruntime
     # than Mul + ReduceSum over the experts axis (a middle axis, which its reduction kernels handle slowly).
     b("Flatten", b("MatMul", g, values), axis=1, out="out")  # [N, H, 1, dh] -> [N, H*dh]
     return b
 
 
-def _expert_o_body() -> _Body:
+def _expert_o_body() -> Body:
     # out[n] = sum_h sum_k gates[n,h,k] * attn[n, h] @ W[h, idx[n,h,k]]
-    b = _Body("o")
-    g = _dense_gates(b, "attn", "weight", "expert_index", "gates")  # [N, H, E]
+    b = Body("o")
+    g = dense_gates(b, "attn", "weight", "expert_index", "gates")  # [N, H, E]
     gated = b("Mul", b("Unsqueeze", "attn", b.ints(2)), b("Unsqueeze", g, b.ints(-1)))  # [N, H, E, dh]
     b("MatMul", b("Flatten", gated, axis=1), b("Flatten", "weight", axis=3), out="out")  # [N, H*E*dh] @ [H*E*dh, d_out]
     return b

@@ -11,6 +11,7 @@ from switchhead.config import check_known_fields, check_regex
 LOSSES = ("auto", "kl", "mse", "cosine", "cosine_pooled")
 TASKS = ("auto", "causal_lm", "encoder")
 PRECISIONS = ("auto", "fp32", "bf16")
+LAYOUTS = ("packed", "sentences")  # how text files become sequences (recipes.file_data)
 STRATEGIES = ("auto", "ddp", "fsdp")
 HEAL_CONFIG_VERSION = 1
 

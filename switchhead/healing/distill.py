@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.utils import _pytree as pytree
 
+from switchhead.graph.surgery import module_at
 from switchhead.healing import checkpoint as ckpt
 from switchhead.healing import distributed as D
 from switchhead.healing.config import HealConfig
@@ -130,7 +131,7 @@ def _untie(student: torch.nn.Module, teacher: torch.nn.Module) -> list[str]:
         if id(param) not in copies:
             copies[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
         path, _, attr = name.rpartition(".")
-        owner = student.get_submodule(path) if path else student
+        owner = module_at(student, path)
         owner._parameters[attr] = copies[id(param)]
         untied.append(name)
     return untied

@@ -7,7 +7,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from switchhead.healing.config import HealConfig
+from switchhead.healing.config import LAYOUTS, HealConfig
 from switchhead.healing.data import PackedTokens, Sentences, find_text_files, split_files, text_lines, tokenize_files
 from switchhead.healing.distill import HealResult, LogFn, heal
 
@@ -24,7 +24,7 @@ def file_data(paths: Sequence[str | os.PathLike[str]], tokenizer: Any, seq_len: 
     seq_len, passed as `keys[0]` (None: positionally); "sentences": one line per sequence, padded
     per batch, passing `keys` of the tokenizer's output.
     """
-    if layout not in ("packed", "sentences"):
+    if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'packed' or 'sentences', got {layout!r}")
     files = find_text_files(paths)
     try:

@@ -38,7 +38,7 @@ For 262M (E=4, k=2, R=6) that is heads 0-2 (216 keys); for E=8, k=4 (R=70) head 
 0-1. Heads beyond m are not sorted: at 16k tokens a group of R^3 = 216 signatures holds ~76 tokens, so a
 64-token tile of a fourth head would hold several sets anyway.
 
-E > MAX_COUNTING_EXPERTS (2^E head keys) falls back to the torch-op routing of routing.py.
+E is at most routing.MAX_EXPERTS (2^E head-order keys per head); more is refused.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ from torch.library import wrap_triton
 
 from switchhead.kernels import routing
 
-MAX_COUNTING_EXPERTS = 8  # 2^8 = 256 head-order keys per head
 SIG_KEYS = 1024  # bound on the signature key space (per-block histograms of this many bins)
 MIN_BLOCK = 32
 
@@ -285,31 +284,12 @@ def _scan_chunk(keys: int) -> int:
     return max(2, min(64, 4096 // keys))
 
 
-def route_torch(
-    expert_index: Tensor, gates: Tensor, num_experts: int, *, table: bool = True, head: bool = False,
-    sig: bool = False, groups: bool = False,
-) -> Routing:
-    """The same fields from routing.py's torch ops (sorts by torch.sort): the fallback for E > 8."""
-    bits = routing.expert_bits(expert_index)
-    out = Routing(bits=bits)
-    if table:
-        out.table = routing.gate_table(expert_index, gates, num_experts)
-    if head:
-        out.head_order = routing.head_order(bits, num_experts)
-    if sig:
-        out.sig_order = routing.signature_order(bits, num_experts)
-    if groups:
-        out.tokens, out.sorted_gates, out.offsets = routing.expert_groups(expert_index, gates, num_experts)
-    return out
-
-
 def route(
     expert_index: Tensor, gates: Tensor, num_experts: int, *, table: bool = True, head: bool = False,
     sig: bool = False, groups: bool = False, config: RouteConfig | None = None,
 ) -> Routing:
-    """Routing of one op call in three Triton launches (module docstring); torch ops for E > 8."""
-    if num_experts > MAX_COUNTING_EXPERTS:
-        return route_torch(expert_index, gates, num_experts, table=table, head=head, sig=sig, groups=groups)
+    """Routing of one op call in three Triton launches (module docstring)."""
+    routing.check_experts(num_experts)
     cfg = config or RouteConfig()
     n, h, k = expert_index.shape
     block = cfg.block

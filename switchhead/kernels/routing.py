@@ -1,7 +1,7 @@
-"""Token routing for the Triton expert kernels from fixed-shape torch ops: the reference and fallback.
+"""Token routing for the Triton expert kernels from fixed-shape torch ops: the reference.
 
 The ops route with route_triton.route (a counting sort in three Triton launches); these torch-op
-versions remain its fallback for E > 8.
+versions define what it computes (the tests compare the two) and feed the kernels in tests and scripts.
 
 Shape legend:
     N = tokens, H = heads, E = experts per head, k = active experts per head.
@@ -24,11 +24,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MAX_EXPERTS = 31  # the bit masks are int32
+# The most experts per head the sparse path (routing and Triton kernels) takes: route_triton's counting
+# sort has one key per expert set, 2^E per head (256 at E = 8), counted in per-block histograms. Ops
+# with more experts run the dense formula (choice.py), which has no such limit.
+MAX_EXPERTS = 8
 _KEY_BITS = 31  # int32 sort keys: one-sweep radix sorts of 4 passes instead of 8 for int64
 
 # Every sort is one flat torch.sort of int32 keys: a 2-D sort along dim 1 runs as a segmented sort with
 # one thread block per head, several times slower at these sizes.
+
+
+def check_experts(num_experts: int) -> int:
+    """`num_experts`, or ValueError when the sparse path cannot take that many (MAX_EXPERTS)."""
+    if num_experts > MAX_EXPERTS:
+        raise ValueError(f"the sparse expert kernels take at most {MAX_EXPERTS} experts per head, got {num_experts}")
+    return num_experts
 
 
 def gate_table(expert_index: Tensor, gates: Tensor, num_experts: int) -> Tensor:

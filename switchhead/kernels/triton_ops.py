@@ -42,10 +42,7 @@ def _gate_grad(dense: Tensor, expert_index: Tensor, gates: Tensor) -> Tensor:
 
 def _check_experts(weight: Tensor) -> int:
     """E as a plain int: it sets shift widths and loop trips, so a traced graph specialises on it."""
-    e = int(weight.shape[1])
-    if e > routing.MAX_EXPERTS:
-        raise ValueError(f"Triton expert kernels take at most {routing.MAX_EXPERTS} experts per head, got {e}")
-    return e
+    return routing.check_experts(int(weight.shape[1]))
 
 
 @torch.library.triton_op("switchhead::expert_v_triton", mutates_args=())

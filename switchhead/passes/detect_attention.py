@@ -40,6 +40,7 @@ from switchhead.graph.ops import (
     linear_parts,
 )
 from switchhead.graph.provenance import region_between, replay_or_raise
+from switchhead.graph.surgery import attribute
 from switchhead.passes.plan import PassResult, PassState, SiteRejected
 from switchhead.site import AttentionSite, SkippedSite
 
@@ -92,7 +93,7 @@ class _Graph:
             return False
         if node not in self._const:
             if node.op == "get_attr":
-                self._const[node] = isinstance(self._fetch(node.target), torch.nn.Parameter)
+                self._const[node] = isinstance(attribute(self.gm, node.target), torch.nn.Parameter)
             elif node.op == "placeholder" or not node.all_input_nodes:
                 self._const[node] = False
             else:
@@ -100,12 +101,6 @@ class _Graph:
                     self.is_parameter_derived(a) for a in node.all_input_nodes
                 )
         return self._const[node]
-
-    def _fetch(self, target: str) -> Any:
-        obj: Any = self.gm
-        for part in target.split("."):
-            obj = getattr(obj, part)
-        return obj
 
     def projection(self, node: torch.fx.Node):
         parts = linear_parts(node)
@@ -149,13 +144,13 @@ def _operands(node: torch.fx.Node) -> tuple[Any, Any]:
     spec = MATMUL_OPS[node.target]
     if spec is None:  # einsum(equation, [a, b])
         operands = node.args[1]
-        if len(operands) != 2 or _einsum_subscripts(node.args[0]) is None:
+        if len(operands) != 2 or einsum_subscripts(node.args[0]) is None:
             raise SiteRejected(f"einsum '{node.args[0]}' is not a batched matrix product")
         return operands[0], operands[1]
     return node.args[spec[0]], node.args[spec[1]]
 
 
-def _einsum_subscripts(equation: str) -> tuple[str, str, str] | None:
+def einsum_subscripts(equation: str) -> tuple[str, str, str] | None:
     """(a, b, out) subscripts of '...ij,...jk->...ik' or of the score form '...id,...jd->...ij'.
 
     The output keeps the left operand's batch letters; the right operand's batch letters are some
@@ -179,7 +174,7 @@ def _as_read_by(graph: _Graph, product: torch.fx.Node, ids: torch.Tensor) -> tor
     batch letters it lacks, so the value of MQA einsum('bhqk,bkd->bhqd') reads as [b, h, k, d]."""
     if product.target is not aten.einsum.default:
         return ids
-    a, b, _ = _einsum_subscripts(product.args[0])
+    a, b, _ = einsum_subscripts(product.args[0])
     if len(b) == len(a):
         return ids
     sizes = iter(ids.shape[:-2])

@@ -113,8 +113,8 @@ def test_save_refuses_a_foreign_directory(converted, tmp_path):
 
 def test_save_checks_the_round_trip(converted, tmp_path, monkeypatch):
     _, new, args = converted
-    read = switchhead.io._read_weights
-    monkeypatch.setattr(switchhead.io, "_read_weights",
+    read = switchhead.io.read_weights
+    monkeypatch.setattr(switchhead.io, "read_weights",
                         lambda path, device: {k: torch.zeros_like(v) for k, v in read(path, device).items()})
     with pytest.raises(SaveError, match="differs"):
         save(new, tmp_path / "out", args)

@@ -112,5 +112,5 @@ def test_filter_excludes_sites_and_reports_them():
     ("...qd,...kd->...qk", False),
 ])
 def test_einsum_equations_read_as_batched_products(equation, accepted):
-    from switchhead.passes.detect_attention import _einsum_subscripts
-    assert (_einsum_subscripts(equation) is not None) == accepted
+    from switchhead.passes.detect_attention import einsum_subscripts
+    assert (einsum_subscripts(equation) is not None) == accepted

@@ -51,7 +51,7 @@ def test_triton_analysis_probe_counts_analyses_and_restores_torch():
     import triton.language as tl
     from torch._higher_order_ops import triton_kernel_wrap
 
-    triton_analysis_probe = load_benchmark("compile_probe").triton_analysis_probe
+    triton_analysis_probe = load_benchmark("compile.probe").triton_analysis_probe
 
     @triton.jit
     def _copy(src, dst, n, BLOCK: tl.constexpr):

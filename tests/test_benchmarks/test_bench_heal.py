@@ -1,5 +1,5 @@
-"""benchmarks/bench_heal.py's pruning baselines on tiny Hugging Face models: which heads they keep, the
-equal-MAC head count, and that pruned models run."""
+"""bench_heal's pruning baselines (benchmarks/heal/pruning.py) on tiny Hugging Face models: which
+heads they keep, the equal-MAC head count, and that pruned models run."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_benchmark("bench_heal")
+    return load_benchmark("heal.pruning")
 
 
 def _model(name: str):
@@ -29,7 +29,7 @@ def _model(name: str):
 @pytest.mark.parametrize("name", ["hf_bert", "hf_llama_gqa"])
 def test_scores_pick_the_head_that_writes_most(bench, name):
     model, batch = _model(name)
-    _, proj, heads, kv, dh = next(bench._attention_layers(model))
+    _, proj, heads, kv, dh = next(bench.attention_layers(model))
     silent = 1  # head 1 writes nothing through the output projection: its score must be 0
     with torch.no_grad():
         proj.weight[:, silent * dh:(silent + 1) * dh] = 0
@@ -41,10 +41,10 @@ def test_scores_pick_the_head_that_writes_most(bench, name):
     group = heads // target
     for pruned, chosen in ((first, torch.arange(0, heads, group)),
                            (best, torch.arange(0, heads, group) + scores.view(target, group).argmax(1))):
-        attn, out, count, _, _ = next(bench._attention_layers(pruned))
+        attn, out, count, _, _ = next(bench.attention_layers(pruned))
         name = "query" if hasattr(attn, "query") else "q_proj"
         rows = (chosen[:, None] * dh + torch.arange(dh)).flatten()
-        original = getattr(next(bench._attention_layers(model))[0], name)
+        original = getattr(next(bench.attention_layers(model))[0], name)
         assert count == target and torch.equal(getattr(attn, name).weight, original.weight[rows])
         assert torch.equal(out.weight, proj.weight[:, rows])
         output = pruned(**batch)

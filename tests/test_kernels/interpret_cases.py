@@ -163,16 +163,12 @@ def test_route_kernels_against_torch(n: int, h: int, e: int, k: int, kind: str, 
         assert torch.equal(getattr(r, name), getattr(again, name)), name
 
 
-def test_route_subsets_and_torch_fallback() -> None:
-    """Only the requested fields come back; E > 8 takes the torch path with the same meaning."""
+def test_route_subsets() -> None:
+    """Only the requested fields come back (E above routing.MAX_EXPERTS is refused: test_reference.py)."""
     idx, gates = _routing_case(21, 2, 4, 2, "random")
     r = route_triton.route(idx, gates, 4, table=False, head=True, config=route_triton.RouteConfig(block=8))
     assert r.table is None and r.sig_order is None and r.tokens is None
     assert torch.equal(r.head_order.long(), torch.sort(r.bits.t(), dim=1, stable=True).indices)
-    idx, gates = _routing_case(21, 2, 12, 3, "random")
-    r = route_triton.route(idx, gates, 12, sig=True, groups=True)
-    assert torch.equal(r.sig_order.sort().values, torch.arange(21))
-    assert r.offsets[-1].item() == 21 * 2 * 3 and torch.equal(r.table, routing.gate_table(idx, gates, 12))
 
 
 def test_signature_layout() -> None:

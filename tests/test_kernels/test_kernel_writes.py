@@ -4,7 +4,7 @@ Inductor copies every argument it believes a user Triton kernel writes, and the 
 the tensor is read again later (expert_index is, by the gate gradient). Its TTIR analysis counts as
 written every pointer whose loads feed a @triton.jit helper that computes a store address (see
 route_triton.py). These tests run torch's own analysis on every launch of the four ops
-(benchmarks/kernel_launches.py, no GPU needed) and compare it with what each kernel stores to, by its
+(benchmarks/compile/launches.py, no GPU needed) and compare it with what each kernel stores to, by its
 flags.
 """
 
@@ -46,7 +46,7 @@ SHAPE = Shape(n=300, d=48, h=3, e=4, k=2, dh=32, d_out=40)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("op", ["expert_v", "expert_v_backward", "expert_o", "expert_o_backward"])
 def test_torch_sees_each_kernel_write_only_its_outputs(op: str, with_bias: bool) -> None:
-    helper = load_benchmark("kernel_launches")
+    helper = load_benchmark("compile.launches")
     p = make_problem(SHAPE, torch.bfloat16, seed=0)
     b = p.b_v if with_bias else None
     body, args = triton_op_calls(p, b)[op]

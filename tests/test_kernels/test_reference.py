@@ -97,15 +97,15 @@ def test_compile_cpu_no_graph_breaks_matches_eager() -> None:
         assert rel_err(got, want) < 1e-6
 
 
-def test_many_experts_route_with_the_torch_ops() -> None:
-    """E > MAX_COUNTING_EXPERTS: route() takes the torch-op routing (no Triton launch, so it runs here)."""
-    from switchhead.kernels import route_triton
+def test_routing_refuses_more_experts_than_the_sparse_path_takes() -> None:
+    """E > routing.MAX_EXPERTS: route() refuses before any Triton launch (so it runs here); choice.py
+    sends such ops to the dense formula."""
+    from switchhead.kernels import route_triton, routing
 
-    e = route_triton.MAX_COUNTING_EXPERTS + 1
+    e = routing.MAX_EXPERTS + 1
     torch.manual_seed(0)
     index = torch.rand(37, 3, e).argsort(-1)[..., :2]
     gates = torch.rand(37, 3, 2)
-    got = route_triton.route(index, gates, e, head=True, sig=True, groups=True)
-    want = route_triton.route_torch(index, gates, e, head=True, sig=True, groups=True)
-    for field in ("table", "bits", "head_order", "sig_order", "tokens", "sorted_gates", "offsets"):
-        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    with pytest.raises(ValueError, match=f"at most {routing.MAX_EXPERTS} experts per head, got {e}"):
+        route_triton.route(index, gates, e, head=True, sig=True, groups=True)
+    assert routing.check_experts(routing.MAX_EXPERTS) == routing.MAX_EXPERTS

@@ -2,7 +2,7 @@
 
 On the H200, opcheck of expert_o hung for minutes inside sympy: the weight-gradient split heuristic,
 fed symbolic widths, built nested FloorDivs that sympy simplifies in exponential time. The launches
-are recorded instead of run (benchmarks/kernel_launches.py), so no GPU is needed.
+are recorded instead of run (benchmarks/compile/launches.py), so no GPU is needed.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def time_limit(seconds: int):
 
 @pytest.mark.parametrize("op", ["expert_v", "expert_v_backward", "expert_o", "expert_o_backward"])
 def test_op_bodies_trace_with_every_size_symbolic(op: str) -> None:
-    helper = load_benchmark("kernel_launches")
+    helper = load_benchmark("compile.launches")
     p = make_problem(Shape(n=301, d=96, h=2, e=4, k=2, dh=32, d_out=80), torch.float32, seed=0)
     body, args = triton_op_calls(p, p.b_v)[op]
     with helper.recorded_launches() as launches, time_limit(60):

@@ -1,7 +1,7 @@
-"""Plain PyTorch models for benchmarks/bench_e2e.py: a pre-LN decoder-only LM with RoPE.
+"""Plain PyTorch models for bench_e2e: a pre-LN decoder-only LM with RoPE.
 
 Nothing here knows about SwitchHead: the SwitchHead side of every comparison is made from these
-models by `switchhead.convert` (see bench_e2e.py). Attention is the textbook form: nn.Linear q/k/v/o
+models by `switchhead.convert` (pairs.py). Attention is the textbook form: nn.Linear q/k/v/o
 without bias, rotary embeddings on q and k (Llama's rotate-half form; with an odd head size, the paper's
 47M dh = 41, the last channel passes unrotated), `F.scaled_dot_product_attention(is_causal=True)`.
 """
