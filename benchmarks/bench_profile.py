@@ -1,6 +1,6 @@
 """Where does each side of the 262M pair spend its training step? (issue 16's profile; H200, bf16)
 
-The dense LM of benchmarks/e2e_models.py and its SwitchHead rewrite (H=4 E=4 k=2 dh=112, the paper's
+The dense LM of benchmarks/e2e/models.py and its SwitchHead rewrite (H=4 E=4 k=2 dh=112, the paper's
 C4 config), each compiled (default mode, batch and sequence dynamic) and profiled over a few training
 steps (forward, cross-entropy, backward, fused AdamW) with `torch.profiler` at each length T, with the
 same tokens per step. Printed per length: GPU time per step of each kernel category, SwitchHead
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 import switchhead
-from benchmarks import e2e_models as em
+from benchmarks.e2e import models as em
 
 MODELS = {
     "262M": (em.LMConfig("262M", d=1024, layers=18, heads=16, head_dim=64),
