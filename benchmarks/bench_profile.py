@@ -136,10 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{side} T={T}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
             row = {"side": side, "seq_len": T, "batch": B, **profile_steps(step, args.steps, cuda)}
             out["rows"].append(row)
-        models[side] = None
-        del wrapper, opt, params
-        if cuda:
-            torch.cuda.empty_cache()
+        models[side] = None  # the next side's model, wrapper and optimizer state replace this one's
     return out
 
 
