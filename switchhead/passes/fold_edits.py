@@ -30,7 +30,7 @@ _SIZE_FREE = CAST_OPS | NOOP_OPS | {
     aten.unbind.int, operator.getitem, aten.matmul.default, aten.bmm.default, aten.baddbmm.default,
     aten.einsum.default, aten.softmax.int, aten._softmax.default, aten._safe_softmax.default,
     aten.scaled_dot_product_attention.default, aten.dropout.default, aten.mean.dim, aten.sum.dim_IntList,
-    aten.amax.default,
+    aten.amax.default, aten.linalg_vector_norm.default, aten.expand_as.default,
 }
 
 
