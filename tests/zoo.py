@@ -381,7 +381,9 @@ ZOO: list[ZooCase] = [
                                     "of the rotary frequencies (it runs an einsum, so it is not inlined): dynamo's "
                                     "wrap_with_autocast refuses a subgraph with a free symbol ('unexpected freevars': "
                                     "the sequence length, passed or read from a tensor's shape), and duck sizing in "
-                                    "the resume function ties the batch to the frequencies' size 2, so it recompiles"),)),
+                                    "the resume function ties the batch to the frequencies' size 2, so it recompiles; the region as "
+                                    "a call running its body under torch.autocast compiles once (checked by hand), "
+                                    "but save/load, ONNX export and device moves read the HOP"),)),
     ZooCase("vit_pytorch_rvt", _eval(_vit_pytorch(True)), _images, 2, 4, 4, 8,
             head_dim_refusal="does not scale with the head size"),
     # The softmax in a parameter-free child module, fold crashed with AttributeError (x-transformers'
