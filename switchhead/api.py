@@ -101,6 +101,8 @@ def convert(
     """
     config = config or SwitchHeadConfig()
     step = progress or (lambda name: None)
+    if filter_fn is None:
+        config.check_declared_heads(model)  # before the capture, the longest step
     step("capture")
     analysis = analyze(model, args, kwargs, filter_fn=filter_fn, module_filter=config.module_filter,
                        dynamic_shapes=dynamic_shapes)

@@ -165,7 +165,8 @@ def _run(model_file: Path, entry: str | None, inputs_name: str | None, config, o
          onnx_inline: bool = False, heal=None) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     steps.start("load")
-    loaded = load_model_file(model_file, entry, inputs_name)
+    # head counts the model's config refutes fail while the file builds it, before its weights load
+    loaded = load_model_file(model_file, entry, inputs_name, check_module=config.check_declared_heads)
     tokenizer = _heal_tokenizer(loaded) if heal is not None and heal.enabled else None
     if dry_run:
         return _dry_run(loaded, config, steps, out)
@@ -249,6 +250,7 @@ def _convert(loaded, config, steps: Steps):
 
 
 def _dry_run(loaded, config, steps: Steps, out: Console | None) -> dict[str, Any]:
+    config.check_declared_heads(loaded.model)  # before the capture, as convert() does
     steps.start("analyze")
     analysis = switchhead.analyze(loaded.model, loaded.args, loaded.kwargs)
     steps.done()

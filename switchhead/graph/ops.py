@@ -24,7 +24,7 @@ LAYOUT_OPS = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
     aten.permute.default, aten.t.default, aten.contiguous.default, aten.clone.default,
     aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
-    aten.expand.default, aten.slice.Tensor, aten.select.int, aten.split.Tensor,
+    aten.expand.default, aten.expand_as.default, aten.slice.Tensor, aten.select.int, aten.split.Tensor,
     aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int, aten.unflatten.int,
     aten.flatten.using_ints, aten.alias.default, aten.movedim.int, aten.swapaxes.default,
     aten.narrow.default, aten.repeat_interleave.self_int, aten.index_select.default,

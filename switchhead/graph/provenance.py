@@ -26,7 +26,11 @@ import torch.fx
 from switchhead.graph.ops import CAST_OPS, LAYOUT_OPS, NOOP_OPS, is_pointwise
 
 aten = torch.ops.aten
-_ROW_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.var.correction, aten.norm.ScalarOpt_dim}
+_ROW_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.var.correction, aten.norm.ScalarOpt_dim,
+                   aten.linalg_vector_norm.default}
+# Reductions whose order comes before the dims: (self, p, dim, keepdim). F.normalize's norm is
+# linalg_vector_norm (the q/k norms of vit-pytorch's SimpleViT, x-transformers, torchvision's Swin V2).
+_ORDER_FIRST = {aten.norm.ScalarOpt_dim, aten.linalg_vector_norm.default}
 # Normalisations over the trailing `normalized_shape` dims (q/k norms of timm, OLMo, Qwen3).
 _ROW_NORMS = {aten.layer_norm.default, aten.rms_norm.default}
 
@@ -142,9 +146,7 @@ def _replay_node(node: torch.fx.Node, prov: dict, values: dict, mode: str) -> An
             return first.expand(shape) if first.dim() <= len(shape) else first
         if target in _ROW_REDUCTIONS:
             source = prov[node.args[0]]
-            dims = node.args[1] if len(node.args) > 1 and node.args[1] is not None else list(range(source.dim()))
-            keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
-            return source.amin(dims, keepdim=keepdim)
+            return source.amin(*_reduced(node, source.dim()))
     if mode == "rows":
         shape = values[node].shape
         if is_pointwise(target) or target is aten.dropout.default:
@@ -154,16 +156,23 @@ def _replay_node(node: torch.fx.Node, prov: dict, values: dict, mode: str) -> An
             raise ProvenanceError(f"{describe(node)} mixes different rows")
         if target in _ROW_REDUCTIONS:
             source = prov[node.args[0]]
-            dims = node.args[1] if len(node.args) > 1 else None
-            keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
-            if target is aten.var.correction:
-                keepdim = bool(node.kwargs.get("keepdim", False))
-            dims = list(range(source.dim())) if dims is None else dims
+            dims, keepdim = _reduced(node, source.dim())
             high, low = source.amax(dims, keepdim=keepdim), source.amin(dims, keepdim=keepdim)
             if torch.equal(high, low):
                 return high
             raise ProvenanceError(f"{describe(node)} reduces across rows")
     raise ProvenanceError(f"{describe(node)} is not a pure data movement")
+
+
+def _reduced(node: torch.fx.Node, rank: int) -> tuple[list[int], bool]:
+    """(dims, keepdim) of a reduction in _ROW_REDUCTIONS; no dims means all of them."""
+    rest = list(node.args[2:] if node.target in _ORDER_FIRST else node.args[1:])
+    if node.target is aten.var.correction:  # var.correction(self, dim, *, correction, keepdim)
+        rest = rest[:1]
+    dims = rest[0] if rest else node.kwargs.get("dim")
+    keepdim = bool(rest[1]) if len(rest) > 1 else bool(node.kwargs.get("keepdim", False))
+    dims = list(range(rank)) if dims is None else [dims] if isinstance(dims, int) else list(dims)
+    return dims, keepdim
 
 
 def rerun(

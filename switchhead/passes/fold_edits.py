@@ -30,7 +30,7 @@ _SIZE_FREE = CAST_OPS | NOOP_OPS | {
     aten.unbind.int, operator.getitem, aten.matmul.default, aten.bmm.default, aten.baddbmm.default,
     aten.einsum.default, aten.softmax.int, aten._softmax.default, aten._safe_softmax.default,
     aten.scaled_dot_product_attention.default, aten.dropout.default, aten.mean.dim, aten.sum.dim_IntList,
-    aten.amax.default,
+    aten.amax.default, aten.linalg_vector_norm.default, aten.expand_as.default,
 }
 
 
@@ -125,7 +125,10 @@ def _index_edit(node: torch.fx.Node, values: dict, sizes: Sizes, changed: bool) 
         if (len(node.args) > 4 and node.args[4] != 1) or not isinstance(start, int) or not isinstance(end, int):
             raise FoldError("a strided or symbolic slice crosses the heads")
         start, end = max(0, min(start % size if start < 0 else start, size)), max(0, min(end, size))
-        new_args = (node.args[0], dim_arg, sizes.count(source, dim, 0, start), sizes.count(source, dim, 0, end))
+        # A slice to the end stays one: its end is the example's size, and a dim that also carries the
+        # batch (vit-pytorch's RvT slices [B*H, T, d] as t[:, 1:]) would run at that batch only.
+        new_end = (node.args[3] if len(node.args) > 3 else None) if end == size else sizes.count(source, dim, 0, end)
+        new_args = (node.args[0], dim_arg, sizes.count(source, dim, 0, start), new_end)
 
     def edit(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
         node.args = new_args

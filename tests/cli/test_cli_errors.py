@@ -207,16 +207,19 @@ def test_heads_without_fold_or_random_is_a_usage_error(run_cli, write_model, tmp
     assert not (tmp_path / "out").exists()
 
 
-def test_heads_the_model_cannot_fold_to_is_a_usage_error(run_cli, tmp_path, monkeypatch):
-    """Refused from the attention found, before any rewrite, with the head counts that would work."""
+@pytest.mark.parametrize("options, where", [
+    ((), "LlamaModel's config"),  # the counts its config declares, before the capture
+    (("--filter", "layers"), "model.layers.0.self_attn (and 1 more like it)"),  # a filter: the attention found
+])
+def test_heads_the_model_cannot_fold_to_is_a_usage_error(run_cli, tmp_path, monkeypatch, options, where):
+    """Refused before any rewrite, with the head counts that would work."""
     def no_rewrite(*args, **kwargs):
         raise AssertionError("the options were not checked before the rewrite")
 
     monkeypatch.setattr(switchhead.api, "PIPELINE", switchhead.api.PIPELINE[:1] + (no_rewrite, no_rewrite))
     examples = Path(__file__).parents[2] / "examples"
-    result = run_cli(examples / "llama_small.py", "--init", "fold", "--heads", "3", "-o", tmp_path / "out")
-    assert_failed(result, ExitCode.USAGE, "num_heads=3 does not fit model.layers.0.self_attn (and 1 more like it)",
-                  "its 4 heads (2 KV heads) fold into 2, 4 heads")
+    result = run_cli(examples / "llama_small.py", "--init", "fold", "--heads", "3", *options, "-o", tmp_path / "out")
+    assert_failed(result, ExitCode.USAGE, f"num_heads=3 does not fit {where}", "its 4 heads (2 KV heads) fold into 2, 4 heads")
     assert not (tmp_path / "out").exists()
 
 

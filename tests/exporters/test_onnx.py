@@ -13,7 +13,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from helpers import converted  # noqa: E402 (after the importorskips)
-from zoo import ZOO, ZOO_BY_NAME, zoo_params
+from zoo import ONNX_ZOO, ZOO_BY_NAME, zoo_params
 
 import switchhead
 from switchhead.config import INIT_METHODS
@@ -34,7 +34,7 @@ def _assert_verified(result, *, shapes: int = 2) -> None:
     assert all(error < RTOL for error in result.verify_errors.values()), result.verify_errors
 
 
-@pytest.mark.parametrize("case", ZOO, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", ONNX_ZOO, ids=lambda c: c.name)
 def test_converted_zoo_model_exports_with_custom_ops(case, tmp_path):
     _, module = converted(case.name)
     result = export_onnx(module, tmp_path / "model.onnx", *_example(case.name))
@@ -90,7 +90,7 @@ def _fold_heads(case) -> int:
 
 
 @pytest.mark.skipif("fold" not in INIT_METHODS, reason="head folding (issue 5) is not in this build")
-@pytest.mark.parametrize("case", zoo_params(ZOO, "fold"))
+@pytest.mark.parametrize("case", zoo_params(ONNX_ZOO, "fold"))
 def test_folded_zoo_model_exports(case, tmp_path):
     """Fewer heads, experts folded from different dense heads (so a wrong expert choice or gate shows):
     every zoo model exports, checks and matches PyTorch on its example and its other shape."""

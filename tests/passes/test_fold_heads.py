@@ -106,11 +106,17 @@ def test_fold_qk_first_uses_the_first_head_of_each_group():
 
 
 @pytest.mark.parametrize("heads", [4, 3, 1])  # not a divisor of 6; not a multiple of the 2 KV heads
-def test_impossible_folds_name_the_site_and_the_counts_that_fit(heads):
+@pytest.mark.parametrize("filtered, where", [
+    (False, "LlamaForCausalLM's config"),  # what the config declares, checked before the capture
+    (True, r"model.layers.0.self_attn \(and 1 more like it\)"),  # with a filter: the attention found
+])
+def test_impossible_folds_name_the_site_and_the_counts_that_fit(heads, filtered, where):
     case = ZOO_BY_NAME["hf_llama_gqa"]
-    with pytest.raises(switchhead.ConfigMismatchError, match=rf"num_heads={heads} does not fit model.layers.0.self_attn "
-                                                            r"\(and 1 more like it\): its 6 heads \(2 KV heads\) fold into 2, 6 heads"):
-        _fold(case, heads)
+    model = case.build()
+    cfg = switchhead.SwitchHeadConfig(init="fold", num_heads=heads, top_k=1)
+    with pytest.raises(switchhead.ConfigMismatchError, match=rf"num_heads={heads} does not fit {where}: "
+                                                            r"its 6 heads \(2 KV heads\) fold into 2, 6 heads"):
+        switchhead.convert(model, *case.example_inputs(), config=cfg, filter_fn=(lambda path: True) if filtered else None)
 
 
 def test_random_init_with_fewer_heads():
