@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 
-from switchhead.graph.ops import CAST_OPS, LAYOUT_OPS, NOOP_OPS, is_pointwise
+from switchhead.graph.ops import CACHE_WRITE_OPS, CAST_OPS, LAYOUT_OPS, NOOP_OPS, cache_write_dim, is_pointwise
 
 aten = torch.ops.aten
 _ROW_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.var.correction, aten.norm.ScalarOpt_dim}
@@ -129,6 +129,8 @@ def _replay_node(node: torch.fx.Node, prov: dict, values: dict, mode: str) -> An
             parts = [prov[a] if a in prov else torch.full(values[a].shape, -1, dtype=torch.long) for a in node.args[0]]
             return target(parts, *args[1:], **kwargs)
         return target(*args, **kwargs)
+    if target in CACHE_WRITE_OPS and node.args[CACHE_WRITE_OPS[target][1]] in prov and mode != "rows":
+        return _cache_ids(node, prov, values)
     if mode in ("lenient", "rows") and target in _ROW_NORMS:
         source = prov[node.args[0]]
         trailing = list(range(source.dim() - len(node.args[1]), source.dim()))
@@ -164,6 +166,24 @@ def _replay_node(node: torch.fx.Node, prov: dict, values: dict, mode: str) -> An
                 return high
             raise ProvenanceError(f"{describe(node)} reduces across rows")
     raise ProvenanceError(f"{describe(node)} is not a pure data movement")
+
+
+def _cache_ids(node: torch.fx.Node, prov: dict, values: dict) -> torch.Tensor:
+    """Ids of a KV cache after a write of tracked values: every position holds the written tensor's
+    features (earlier calls wrote the same projection there), so the written ids, constant along
+    the sequence dim, spread over the whole cache."""
+    cache, written = CACHE_WRITE_OPS[node.target]
+    if node.args[cache] in prov:
+        raise ProvenanceError(f"{describe(node)} writes tracked values into a tracked cache")
+    dim = cache_write_dim(node)
+    ids = prov[node.args[written]]
+    shape = values[node].shape
+    if dim is None or ids.dim() != len(shape):
+        raise ProvenanceError(f"{describe(node)} writes along more than one dim")
+    first = ids.narrow(dim, 0, 1)
+    if not torch.equal(first.expand_as(ids), ids):
+        raise ProvenanceError(f"{describe(node)} writes features that vary along the sequence")
+    return first.expand(shape).contiguous()
 
 
 def rerun(
