@@ -120,3 +120,21 @@ def test_a_model_without_a_cache_is_refused_clearly() -> None:
 
     with pytest.raises(CaptureError, match="not a cached decoder"):
         convert_decoder(ZOO_BY_NAME["nanogpt"].build())
+
+
+@pytest.mark.parametrize("name", ["buffer_cached_decoder", "hf_gpt2", "hf_mistral_gqa"])
+def test_save_load_round_trip_generates_identically(name, tmp_path) -> None:
+    from switchhead.io import load, save
+
+    _, converted = built(name)
+    loaded = load(save(converted, tmp_path / "out"))
+    assert isinstance(loaded, CachedLM) and loaded.layout == converted.layout
+    assert loaded.decode.get_parameter(next(n for n, _ in loaded.prefill.named_parameters())) is \
+        loaded.prefill.get_parameter(next(n for n, _ in loaded.prefill.named_parameters()))  # weights shared
+    ids, mask = padded_prompts(CACHED_BY_NAME[name].vocab)
+    want = converted.generate(ids, mask, max_new_tokens=NEW_TOKENS, pad_token_id=0, eos_token_id=EOS)
+    assert torch.equal(loaded.generate(ids, mask, max_new_tokens=NEW_TOKENS, pad_token_id=0, eos_token_id=EOS), want)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["decode.graph.json", "model.graph.json",
+                                                                  "model.safetensors", "report.json"]
+    weight_bytes = sum(p.numel() * p.element_size() for p in converted.parameters())
+    assert (tmp_path / "out" / "model.safetensors").stat().st_size < 1.5 * weight_bytes  # stored once
