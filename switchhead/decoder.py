@@ -15,6 +15,7 @@ from switchhead.cache import CacheLayout, cached_form, prompt_inputs
 from switchhead.config import SwitchHeadConfig
 from switchhead.errors import CaptureError, SwitchHeadError
 from switchhead.generate import generate_with
+from switchhead.inputs import example_inputs
 from switchhead.report import ConversionReport
 
 EXAMPLE = (2, 6, 16)  # batch, prompt length, cache length of the capture's example
@@ -96,7 +97,12 @@ def convert_decoder(model: torch.nn.Module, config: SwitchHeadConfig | None = No
     decode = convert(form, decode_args, config=config, filter_fn=filter_fn, progress=progress,
                      dynamic_shapes=_dynamic(count, False))
     share_tensors(decode, prefill)
-    return CachedLM(prefill, decode, layout)
+    # the cache the converted graphs take: folding resized the example caches to the new heads
+    caches = [example_inputs(graph)[0][4] for graph in (prefill, decode)]
+    shapes = [tuple((t.shape[1], t.shape[3]) for t in cache) for cache in caches]
+    if shapes[0] != shapes[1]:
+        raise SwitchHeadError(f"the prefill and decode graphs were folded to different caches {shapes}; please report this model")
+    return CachedLM(prefill, decode, CacheLayout(shapes[0], layout.dtype))
 
 
 def share_tensors(target: torch.nn.Module, source: torch.nn.Module) -> None:

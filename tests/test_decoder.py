@@ -138,3 +138,33 @@ def test_save_load_round_trip_generates_identically(name, tmp_path) -> None:
                                                                   "model.safetensors", "report.json"]
     weight_bytes = sum(p.numel() * p.element_size() for p in converted.parameters())
     assert (tmp_path / "out" / "model.safetensors").stat().st_size < 1.5 * weight_bytes  # stored once
+
+
+FOLDS = [("buffer_cached_decoder", dict(init="fold", num_heads=2)),
+         ("buffer_cached_decoder", dict(init="random", num_heads=2, head_dim=16)),
+         ("hf_llama", dict(init="fold", num_heads=2)),
+         ("hf_mistral_gqa", dict(init="fold", num_heads=2))]
+
+
+@pytest.mark.parametrize("name, options", FOLDS, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values())))
+def test_folded_decoders_generate_over_a_smaller_cache(name, options) -> None:
+    case = CACHED_BY_NAME[name]
+    dense = built(name)[1]
+    folded = convert_decoder(case.build(), switchhead.SwitchHeadConfig(**options))
+    kv_heads = min(case.kv_heads, options["num_heads"])  # GQA keeps its KV heads
+    head_dim = options.get("head_dim", case.head_dim)
+    assert folded.layout.shapes == ((kv_heads, head_dim),) * 2 * case.layers
+    ids, mask = padded_prompts(case.vocab)
+    tokens = folded.generate(ids, mask, max_new_tokens=12)
+    assert tokens.shape == (3, ids.shape[1] + 12) and bool(((tokens >= 0) & (tokens < case.vocab)).all())
+    logits = folded(ids, mask, torch.zeros(3, ids.shape[1], dtype=torch.long), torch.arange(ids.shape[1]),
+                    folded.new_cache(3, ids.shape[1]))
+    assert logits.shape == (3, ids.shape[1], case.vocab) and bool(torch.isfinite(logits).all())
+    # the allocated cache holds H2 dh2 / (H dh) of the dense one's bytes, as the cost table says
+    ratio = (kv_heads * head_dim) / (case.kv_heads * case.head_dim)
+    allocated = [sum(t.numel() * t.element_size() for t in m.new_cache(3, 40)) for m in (dense, folded)]
+    assert allocated[1] == ratio * allocated[0]
+    table = str(switchhead.report_of(folded.prefill).cost_table(64))
+    row = next(line for line in table.splitlines() if line.startswith("KV cache per token"))
+    assert row.split()[-1] == f"{ratio:.2f}x"
+    assert folded.layout.bytes_per_token() == ratio * dense.layout.bytes_per_token()

@@ -19,7 +19,7 @@ aten = torch.ops.aten
 _WHOLE_VIEWS = {aten.alias.default, aten.slice.Tensor}
 
 
-def _whole_view_base(node: torch.fx.Node) -> torch.fx.Node:
+def whole_view_base(node: torch.fx.Node) -> torch.fx.Node:
     """The tensor `node` is a view of all of (through full slices and aliases), or `node` itself."""
     while node.op == "call_function" and node.target in _WHOLE_VIEWS:
         if node.target is aten.slice.Tensor:
@@ -41,7 +41,7 @@ def thread_cache_writes(gm: torch.fx.GraphModule) -> int:
         if write.op != "call_function" or write.target not in CACHE_WRITE_OPS or not str(write.target).endswith("_.default"):
             continue
         target = write.args[CACHE_WRITE_OPS[write.target][0]]
-        base = _whole_view_base(target)
+        base = whole_view_base(target)
         for written in {target, base}:
             for user in list(written.users):
                 if user is not write and order[user] > order[write] and user.op != "output":

@@ -130,7 +130,7 @@ def _replay_node(node: torch.fx.Node, prov: dict, values: dict, mode: str) -> An
             return target(parts, *args[1:], **kwargs)
         return target(*args, **kwargs)
     if target in CACHE_WRITE_OPS and node.args[CACHE_WRITE_OPS[target][1]] in prov and mode != "rows":
-        return _cache_ids(node, prov, values)
+        return _cache_ids(node, prov, values, mode)
     if mode in ("lenient", "rows") and target in _ROW_NORMS:
         source = prov[node.args[0]]
         trailing = list(range(source.dim() - len(node.args[1]), source.dim()))
@@ -168,7 +168,7 @@ def _replay_node(node: torch.fx.Node, prov: dict, values: dict, mode: str) -> An
     raise ProvenanceError(f"{describe(node)} is not a pure data movement")
 
 
-def _cache_ids(node: torch.fx.Node, prov: dict, values: dict) -> torch.Tensor:
+def _cache_ids(node: torch.fx.Node, prov: dict, values: dict, mode: str) -> torch.Tensor:
     """Ids of a KV cache after a write of tracked values: every position holds the written tensor's
     features (earlier calls wrote the same projection there), so the written ids, constant along
     the sequence dim, spread over the whole cache."""
@@ -181,9 +181,17 @@ def _cache_ids(node: torch.fx.Node, prov: dict, values: dict) -> torch.Tensor:
     if dim is None or ids.dim() != len(shape):
         raise ProvenanceError(f"{describe(node)} writes along more than one dim")
     first = ids.narrow(dim, 0, 1)
-    if not torch.equal(first.expand_as(ids), ids):
-        raise ProvenanceError(f"{describe(node)} writes features that vary along the sequence")
-    return first.expand(shape).contiguous()
+    if torch.equal(first.expand_as(ids), ids):
+        return first.expand(shape).contiguous()
+    if mode != "lenient":
+        raise ProvenanceError(f"{describe(node)} writes elements that vary along the sequence into a cache")
+    # Element ids (which element lands where, this call): the written slots get them, the rest of
+    # the cache comes from nothing being tracked (-1).
+    args = list(node.args)
+    args[cache], args[written] = torch.full(shape, -1, dtype=torch.long), ids
+    args = torch.fx.node.map_arg(args, lambda a: values[a])
+    out_of_place = {"index_copy_": aten.index_copy.default, "index_put_": aten.index_put.default}
+    return out_of_place.get(node.target._opname, node.target)(*args)
 
 
 def rerun(
