@@ -3,8 +3,6 @@ KV cache (upcycled fp32), decode steps feed one token to attention, and the cach
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -12,16 +10,10 @@ import switchhead
 from switchhead.cache import cached_form
 from switchhead.decoder import CachedLM, convert_decoder
 from switchhead.generate import generate_with
-from zoo_cached import CACHED_BY_NAME, CACHED_ZOO, padded_prompts
+from zoo_cached import CACHED_BY_NAME, CACHED_ZOO, built, padded_prompts
 
 NEW_TOKENS = 32
 EOS = 60  # a real token of the zoo's vocabularies: stopping and padding are exercised too
-
-
-@functools.lru_cache(maxsize=None)
-def built(name: str) -> tuple[torch.nn.Module, CachedLM]:
-    model = CACHED_BY_NAME[name].build()
-    return model, convert_decoder(model)
 
 
 def original_tokens(name: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

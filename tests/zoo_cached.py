@@ -7,7 +7,8 @@ Face causal LM, or a hand-written decoder keeping K/V in buffers) and says its a
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import functools
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -115,3 +116,12 @@ def padded_prompts(vocab: int, lengths: tuple[int, ...] = (7, 4, 2)) -> tuple[to
         mask[row, width - n:] = 1
         ids[row, :width - n] = 0
     return ids, mask
+
+
+@functools.lru_cache(maxsize=None)
+def built(name: str) -> tuple[nn.Module, Any]:
+    """(model, its upcycled switchhead.convert_decoder result), converted once per test process."""
+    from switchhead.decoder import convert_decoder
+
+    model = CACHED_BY_NAME[name].build()
+    return model, convert_decoder(model)
