@@ -117,10 +117,12 @@ def cached_form(model: torch.nn.Module, vocab: int) -> tuple[torch.nn.Module, Ca
                            f"({', '.join(CACHE_SIGNATURE)}) and keep K/V in buffers, or be a Hugging Face causal LM")
     buffers = dict(model.named_buffers())
     before = {name: b._version for name, b in buffers.items()}
-    ids = torch.zeros(1, 2, dtype=torch.long)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
     with torch.no_grad():
         length = next((b.shape[2] for b in buffers.values() if b.dim() == 4), 4)
-        model(ids, torch.ones(1, length, dtype=torch.long), torch.arange(2).view(1, 2), torch.arange(2))
+        model(ids, torch.ones(1, length, dtype=torch.long, device=device), torch.arange(2, device=device).view(1, 2),
+              torch.arange(2, device=device))
     written = [name for name, b in buffers.items() if b._version != before[name]]  # in-place writes bump it
     if not written or any(buffers[n].dim() != 4 for n in written):
         raise CaptureError(f"{type(model).__name__} writes no [batch, heads, length, head_dim] cache buffers in place "

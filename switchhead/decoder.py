@@ -6,9 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import dataclasses
+
 import torch
 import torch.fx
 from torch.export import Dim
+from torch.utils import _pytree as pytree
 
 from switchhead.api import FilterFn, convert, report_of
 from switchhead.cache import CacheLayout, cached_form, prompt_inputs
@@ -30,8 +33,10 @@ class CachedLM(torch.nn.Module):
         self.prefill, self.decode, self.layout = prefill, decode, layout
 
     def new_cache(self, batch: int, length: int, device: torch.device | str | None = None) -> list[torch.Tensor]:
-        """An empty KV cache for `batch` sequences of up to `length` tokens."""
-        return self.layout.allocate(batch, length, device if device is not None else self.device)
+        """An empty KV cache for `batch` sequences of up to `length` tokens, in the dtype of the
+        model's weights (a model cast to bf16 caches bf16)."""
+        dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), self.layout.dtype)
+        return dataclasses.replace(self.layout, dtype=dtype).allocate(batch, length, device if device is not None else self.device)
 
     @property
     def device(self) -> torch.device:
@@ -69,7 +74,7 @@ def vocab_size_of(model: torch.nn.Module) -> int:
     return embeddings[0].num_embeddings
 
 
-def _dynamic(count: int, prompt: bool) -> dict[str, Any]:
+def dynamic_shapes(count: int, prompt: bool) -> dict[str, Any]:
     """Batch and cache length dynamic; the new tokens too in the prefill graph (1 in decode)."""
     tokens = {0: Dim.AUTO, 1: Dim.AUTO} if prompt else {0: Dim.AUTO}
     return {"input_ids": tokens, "attention_mask": {0: Dim.AUTO, 1: Dim.AUTO}, "position_ids": tokens,
@@ -84,18 +89,12 @@ def convert_decoder(model: torch.nn.Module, config: SwitchHeadConfig | None = No
     switchhead.cache) into SwitchHead attention for generation: returns a CachedLM whose prefill and
     decode graphs are each converted (and, with init="upcycle", verified) like `convert`'s result."""
     config = config or SwitchHeadConfig()
-    form, layout = cached_form(model, vocab_size_of(model))
-    batch, prompt, length = EXAMPLE
-    generator = torch.Generator().manual_seed(0)
-    ids, mask, positions, cache_position, cache = prompt_inputs(batch, prompt, length, vocab_size_of(model), layout,
-                                                                generator)
+    form, layout, prefill_args, decode_args = cached_examples(model)
     count = len(layout.shapes)
-    prefill = convert(form, (ids, mask, positions, cache_position, cache), config=config, filter_fn=filter_fn,
-                      progress=progress, dynamic_shapes=_dynamic(count, True))
-    # the decode example continues that prompt: one token at the next slot
-    decode_args = (ids[:, :1], mask, positions[:, -1:] + 1, torch.tensor([prompt]), layout.allocate(batch, length))
+    prefill = convert(form, prefill_args, config=config, filter_fn=filter_fn,
+                      progress=progress, dynamic_shapes=dynamic_shapes(count, True))
     decode = convert(form, decode_args, config=config, filter_fn=filter_fn, progress=progress,
-                     dynamic_shapes=_dynamic(count, False))
+                     dynamic_shapes=dynamic_shapes(count, False))
     share_tensors(decode, prefill)
     # the cache the converted graphs take: folding resized the example caches to the new heads
     caches = [example_inputs(graph)[0][4] for graph in (prefill, decode)]
@@ -103,6 +102,21 @@ def convert_decoder(model: torch.nn.Module, config: SwitchHeadConfig | None = No
     if shapes[0] != shapes[1]:
         raise SwitchHeadError(f"the prefill and decode graphs were folded to different caches {shapes}; please report this model")
     return CachedLM(prefill, decode, CacheLayout(shapes[0], layout.dtype))
+
+
+def cached_examples(model: torch.nn.Module) -> tuple[torch.nn.Module, CacheLayout, tuple[Any, ...], tuple[Any, ...]]:
+    """(the model in the cached form, its cache layout, example prefill inputs, example decode
+    inputs) on the model's device: a batch of prompts into an empty cache, and the next token."""
+    form, layout = cached_form(model, vocab_size_of(model))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batch, prompt, length = EXAMPLE
+    generator = torch.Generator().manual_seed(0)
+    prefill = tuple(pytree.tree_map(lambda t: t.to(device), prompt_inputs(batch, prompt, length, vocab_size_of(model),
+                                                                           layout, generator)))
+    ids, mask, positions = prefill[:3]
+    decode = (ids[:, :1], mask, positions[:, -1:] + 1, torch.tensor([prompt], device=device),
+              layout.allocate(batch, length, device))
+    return form, layout, prefill, decode
 
 
 def share_tensors(target: torch.nn.Module, source: torch.nn.Module) -> None:

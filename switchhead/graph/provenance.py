@@ -189,7 +189,8 @@ def _cache_ids(node: torch.fx.Node, prov: dict, values: dict, mode: str) -> torc
     # the cache comes from nothing being tracked (-1).
     args = list(node.args)
     args[cache], args[written] = torch.full(shape, -1, dtype=torch.long), ids
-    args = torch.fx.node.map_arg(args, lambda a: values[a])
+    # ids live on the CPU; the example positions may not (a model converted on its GPU)
+    args = torch.fx.node.map_arg(args, lambda a: values[a].to(ids.device) if isinstance(values[a], torch.Tensor) else values[a])
     out_of_place = {"index_copy_": aten.index_copy.default, "index_put_": aten.index_put.default}
     return out_of_place.get(node.target._opname, node.target)(*args)
 
