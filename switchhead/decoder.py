@@ -13,13 +13,12 @@ import torch.fx
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from switchhead.api import FilterFn, convert, report_of
+from switchhead.api import FilterFn, convert
 from switchhead.cache import CacheLayout, cached_form, prompt_inputs
 from switchhead.config import SwitchHeadConfig
 from switchhead.errors import CaptureError, SwitchHeadError
 from switchhead.generate import generate_with
 from switchhead.inputs import example_inputs
-from switchhead.report import ConversionReport
 
 EXAMPLE = (2, 6, 16)  # batch, prompt length, cache length of the capture's example
 
@@ -132,8 +131,3 @@ def share_tensors(target: torch.nn.Module, source: torch.nn.Module) -> None:
             module.register_parameter(leaf, value)
         else:
             setattr(module, leaf, value)
-
-
-def decoder_report(cached: CachedLM) -> ConversionReport:
-    """The report of the prefill graph's conversion (the decode graph's has the same sites)."""
-    return report_of(cached.prefill)

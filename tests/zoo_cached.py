@@ -68,13 +68,15 @@ class BufferCachedDecoder(nn.Module):
         return self.head(self.norm(x))
 
 
-def _seeded(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+def _seeded(build: Callable[[], nn.Module], std: float | None = 0.2) -> Callable[[], nn.Module]:
+    """Seeded, in eval mode; weights redrawn with `std` (HF's 0.02 leaves logits so close that
+    greedy decoding follows rounding; None keeps the model's own init)."""
     def make() -> nn.Module:
         torch.manual_seed(0)
         model = build().eval()
-        for module in model.modules():  # larger weights than HF's 0.02: logits far apart, greedy stable
-            if isinstance(module, (nn.Linear, nn.Embedding)) and not hasattr(model, "blocks"):
-                nn.init.normal_(module.weight, std=0.2)
+        for module in model.modules():
+            if std is not None and isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
         return model
     return make
 
@@ -94,11 +96,13 @@ def _mistral() -> nn.Module:
 
 def _gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
-    return GPT2LMHeadModel(GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=128))
+    # untied head: with tied embeddings this tiny GPT-2 repeats its last token, a weak comparison
+    return GPT2LMHeadModel(GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=60))
 
 
 CACHED_ZOO: list[CachedCase] = [
-    CachedCase("buffer_cached_decoder", _seeded(BufferCachedDecoder), 4, 4, 8, hf=False),
+    CachedCase("buffer_cached_decoder", _seeded(BufferCachedDecoder, std=None), 4, 4, 8, hf=False),
     CachedCase("hf_llama", _seeded(_llama), 4, 4, 8),
     CachedCase("hf_gpt2", _seeded(_gpt2), 4, 4, 8),
     CachedCase("hf_mistral_gqa", _seeded(_mistral), 6, 2, 8),

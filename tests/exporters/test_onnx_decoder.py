@@ -41,3 +41,15 @@ def test_onnxruntime_generates_the_pytorch_tokens(case, tmp_path) -> None:
     want = converted.generate(ids, mask, max_new_tokens=NEW_TOKENS, pad_token_id=0, eos_token_id=EOS)
     got = onnx_generate(result.path, ids, mask, max_new_tokens=NEW_TOKENS, pad_token_id=0, eos_token_id=EOS)
     assert torch.equal(got, want)
+
+
+def test_a_folded_decoder_exports_its_smaller_cache(tmp_path) -> None:
+    import switchhead
+    from switchhead.decoder import convert_decoder
+    from zoo_cached import CACHED_BY_NAME
+
+    folded = convert_decoder(CACHED_BY_NAME["hf_llama"].build(), switchhead.SwitchHeadConfig(init="fold", num_heads=2))
+    result = export_decoder_onnx(folded, tmp_path / "folded.onnx")
+    assert [result.inputs[f"past_key_values_{i}"][1] for i in range(4)] == [2] * 4  # 4 heads folded to 2
+    ids, mask = padded_prompts(61)
+    assert torch.equal(onnx_generate(result.path, ids, mask, max_new_tokens=12), folded.generate(ids, mask, max_new_tokens=12))
