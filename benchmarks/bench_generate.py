@@ -11,7 +11,10 @@ both are captured in bf16 and run their one-token decode graph.
 Measured for each context C (1k, 8k, 32k) and batch B (1, 16): one decode step over a static
 cache of C + 1 slots (all C earlier slots real: the step reads the whole cache), CUDA-event median
 after warm-up; decode tokens/s = B / step time; KV-cache bytes = what the step's cache tensors
-hold. `--compile` runs the decode graphs under torch.compile.
+hold. `--compile` runs the decode graphs under torch.compile. Targets (issue 18): the MHA fold
+decodes >= 2.5x faster than dense at context 8k, batch 16, with 4x less cache; the GQA fold is no
+slower than dense anywhere. `--profile DIR` writes a torch.profiler table of both sides' decode
+step at the target point (the largest context and batch run, if 8k / 16 are not) to DIR.
 
     python -m benchmarks.bench_generate --json OUT/gen.json [--write BENCHMARKS.md]
     python -m benchmarks.bench_generate --device cpu --tiny --json /tmp/gen.json    # smoke test
@@ -38,6 +41,7 @@ from switchhead.capture import capture
 from switchhead.decoder import cached_examples, convert_decoder, dynamic_shapes
 
 TITLE = "Generation (KV cache)"
+TARGET_SPEEDUP, TARGET_POINT = 2.5, (8192, 16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +160,32 @@ def run(options) -> dict[str, Any]:
                     results["rows"].append(row)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
+            if options.profile is not None:
+                point = TARGET_POINT if TARGET_POINT[0] in contexts and TARGET_POINT[1] in batches else (max(contexts), max(batches))
+                results.setdefault("profiles", []).append(
+                    profile(graph, shapes, *point, dtype, device, options.profile / f"profile_{name}_{side}.txt"))
     return results
+
+
+def profile(graph, shapes, context: int, batch: int, dtype, device, path: Path) -> str:
+    """torch.profiler's table (by total device time) of three decode steps, written to `path`."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    cache = [torch.zeros(batch, h, context + 1, d, dtype=dtype, device=device) for h, d in shapes]
+    inputs = (torch.ones(batch, 1, dtype=torch.long, device=device), torch.ones(batch, context + 1, dtype=torch.long, device=device),
+              torch.full((batch, 1), context, device=device), torch.tensor([context], device=device), cache)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad():
+        graph(*inputs)  # warm-up
+        with torch_profile(activities=activities) as prof:
+            for _ in range(3):
+                graph(*inputs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
+    return str(path)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -179,7 +208,28 @@ def markdown(results: dict[str, Any]) -> str:
     for row in results["rows"]:
         if "side" not in row:
             lines.append(f"\n{row['model']}: {row['error']}")
+    lines += ["", *verdicts(rows)]
     return "\n".join(lines) + "\n"
+
+
+def verdicts(rows: dict) -> list[str]:
+    """The issue's targets, met or missed, on the points measured."""
+    lines = []
+    for (model, side, context, batch), dense in rows.items():
+        folded = rows.get((model, "folded", context, batch))
+        if side != "dense" or folded is None or "error" in dense or "error" in folded:
+            continue
+        speedup = folded["tokens_per_s"] / dense["tokens_per_s"]
+        cache = dense["kv_cache_bytes"] / folded["kv_cache_bytes"]
+        mha = dense["heads_kv"] != folded["heads_kv"]
+        if mha and (context, batch) == TARGET_POINT:
+            met = speedup >= TARGET_SPEEDUP and cache >= 4
+            lines.append(f"- {model}, context {context}, batch {batch}: {speedup:.2f}x faster with {cache:.1f}x less cache "
+                         f"(target >= {TARGET_SPEEDUP}x with 4x): {'met' if met else 'MISSED (see the profiles)'}")
+        elif not mha and speedup < 1:
+            lines.append(f"- {model}, context {context}, batch {batch}: the GQA fold is {speedup:.2f}x dense "
+                         "(target: no slower): MISSED (see the profiles)")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -193,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode graphs")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bf16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="write profiler tables of the target point here")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--from-json", type=Path, help="only re-render the markdown of an earlier run")
     parser.add_argument("--write", type=Path, help=f"replace the '{TITLE}' section of this markdown file")

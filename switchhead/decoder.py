@@ -3,10 +3,9 @@ static KV cache (switchhead.cache), sharing their weights, with `generate`."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
-
-import dataclasses
 
 import torch
 import torch.fx
@@ -35,7 +34,8 @@ class CachedLM(torch.nn.Module):
         """An empty KV cache for `batch` sequences of up to `length` tokens, in the dtype of the
         model's weights (a model cast to bf16 caches bf16)."""
         dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), self.layout.dtype)
-        return dataclasses.replace(self.layout, dtype=dtype).allocate(batch, length, device if device is not None else self.device)
+        device = device if device is not None else self.device
+        return dataclasses.replace(self.layout, dtype=dtype).allocate(batch, length, device)
 
     @property
     def device(self) -> torch.device:
