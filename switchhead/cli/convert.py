@@ -133,8 +133,8 @@ def main(ctx: click.Context, model_file: Path, experts: int | None, top_k: int, 
         if seq_len < 1:
             raise CliError(f"--seq-len must be at least 1, got {seq_len}", ExitCode.USAGE)
         heal = check_heal_options(ctx, heal_params, dry_run, lambda message: CliError(message, ExitCode.USAGE))
-        if kv_cache and (onnx_path is not None or dry_run or (heal is not None and heal.enabled)):
-            raise CliError("--kv-cache cannot be combined with --onnx, --dry-run or --heal-data yet", ExitCode.USAGE)
+        if kv_cache and (dry_run or (heal is not None and heal.enabled)):
+            raise CliError("--kv-cache cannot be combined with --dry-run or --heal-data yet", ExitCode.USAGE)
         if not dry_run:
             _check_output(output, force)
         result = _run(model_file, entry, inputs_name, config, output, dry_run, force, steps, out, seq_len,
@@ -256,7 +256,11 @@ def _export_onnx(converted, inputs, path: Path, inline: bool, steps: Steps) -> d
                        ExitCode.USAGE) from exc
     args, kwargs = inputs
     try:
-        exported = export_onnx(converted, path, args, kwargs, inline=inline, progress=steps.detail)
+        if isinstance(converted, switchhead.CachedLM):  # --kv-cache: the decoder-with-past file
+            from switchhead.exporters.onnx_decoder import export_decoder_onnx
+            exported = export_decoder_onnx(converted, path, inline=inline)
+        else:
+            exported = export_onnx(converted, path, args, kwargs, inline=inline, progress=steps.detail)
     except OSError as exc:
         raise CliError(f"cannot write --onnx {path}: {exc.strerror or exc}", ExitCode.OUTPUT) from exc
     steps.done()

@@ -42,7 +42,7 @@ HEADER = "import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n
 @pytest.fixture
 def saved(write_model, run_cli, tmp_path):
     path = write_model(HEADER + MODEL_FILE)
-    result = run_cli(path, "--kv-cache", "--quiet", "--output", tmp_path / "out")
+    result = run_cli(path, "--kv-cache", "--quiet", "--output", tmp_path / "out", "--onnx", tmp_path / "decoder.onnx")
     assert result.exit_code == 0, result.output
     return path, tmp_path / "out"
 
@@ -58,6 +58,9 @@ def test_generate_streams_the_models_tokens(saved, run_cli) -> None:
     want = "".join(chr(int(i) + 32) for i in model.generate(ids, max_new_tokens=12)[0])
     assert result.stdout == want + "\n"
     assert len(result.stdout) == 5 + 12 + 1
+    from switchhead.exporters.onnx_decoder import onnx_generate
+
+    assert torch.equal(onnx_generate(out.parent / "decoder.onnx", ids, max_new_tokens=12), model.generate(ids, max_new_tokens=12))
 
 
 def test_generate_refuses_what_it_cannot_use(saved, run_cli, write_model, tmp_path) -> None:
