@@ -13,6 +13,7 @@ from switchhead.accounting import (
     totals,
 )
 from switchhead.api import analyze, convert, find_attention, max_relative_error, relative_error, report_of
+from switchhead.decoder import CachedLM, convert_decoder
 from switchhead.healing import HealConfig, heal
 from switchhead.inspect import expert_usage
 from switchhead.io import LoadError, SaveError, load, save

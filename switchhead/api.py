@@ -16,6 +16,7 @@ from switchhead.capture import Captured, capture, record_values
 from switchhead.config import SwitchHeadConfig
 from switchhead.device import follow_device_moves
 from switchhead.errors import NoAttentionError, VerificationError
+from switchhead.graph.surgery import resize_input
 from switchhead.inputs import accept_missing_mask, remember_inputs, resolve_inputs
 from switchhead.passes import PIPELINE, PassState, run_passes
 from switchhead.report import ConversionReport
@@ -117,6 +118,8 @@ def convert(
     counters = {**analysis.counters, **run_passes(gm, state, PIPELINE[1:])}
     plans = state.applied
     analysis.values.clear()  # the example activations are no longer needed
+    if state.resized_inputs:  # folding resized the KV cache the graph writes into
+        resize_example_inputs(analysis.captured, state.resized_inputs)
     same_function = all(p.num_heads == s.num_heads and p.weights.v_experts.shape[1] == 1
                         for p, s in zip(plans, analysis.sites)) if config.init == "fold" else config.init == "upcycle"
     step("verify")
@@ -141,6 +144,18 @@ def convert(
     if analysis.mask_added:
         accept_missing_mask(gm)
     return follow_device_moves(gm)
+
+
+def resize_example_inputs(captured: Captured, shapes: dict[str, list[int]]) -> None:
+    """Replace the example inputs named in `shapes` (by placeholder) with zeros of the new shapes:
+    KV caches, empty in the examples (the example prompt fills them from slot 0)."""
+    placeholders = [n.target for n in captured.graph_module.graph.nodes if n.op == "placeholder"]
+    swap = {}
+    for name, value in zip(placeholders, captured.flat_inputs()):
+        if name in shapes:
+            resize_input(captured.graph_module, name, shapes[name], value)
+            swap[id(value)] = torch.zeros(shapes[name], dtype=value.dtype, device=value.device)
+    captured.args, captured.kwargs = pytree.tree_map(lambda v: swap.get(id(v), v), (captured.args, captured.kwargs))
 
 
 def report_of(converted: torch.fx.GraphModule) -> ConversionReport:

@@ -23,6 +23,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from switchhead.errors import CaptureError, MissingInputsError
+from switchhead.graph.cache_writes import thread_cache_writes
 from switchhead.graph.ops import CAST_OPS, LAYOUT_OPS, NOOP_OPS
 
 
@@ -290,6 +291,7 @@ def _capture(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     with torch.no_grad():  # on the inputs captured with (the widened ones)
         reference = model(*exported.args, **exported.kwargs)
     module = inline_inert_autocast(drop_metadata_asserts(exported.program.module()))
+    thread_cache_writes(module)  # KV caches written in place: make the written values reach the reads
     captured = Captured(module, exported.args, exported.kwargs,
                         bool(exported.dynamic_dims), exported.static_reason, exported.dynamic_dims, exported.widened,
                         exported.not_widened)

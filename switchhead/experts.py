@@ -103,7 +103,9 @@ def fold(
     scale_v, scale_o = upcycle_scales(top_k, group)
     noise = torch.randn(heads, num_experts, generator=generator) * noise_std
     noise[:, :group] = 0.0
-    factor = 1 + noise  # [H2, E]
+    # [H2, E]; drawn on the CPU in fp32 (the same draws everywhere), applied in the weights' dtype
+    # and device (fp32 factors would promote a bf16 model's experts to fp32)
+    factor = (1 + noise).to(value_heads.device, value_heads.dtype)
     if shared_value:
         v_experts = value_heads * scale_v
         v_bias = value_bias * scale_v if value_bias is not None else None

@@ -36,6 +36,8 @@ from safetensors.torch import save_file
 from torch.utils import _pytree as pytree
 
 from switchhead.api import REPORT_KEY
+from switchhead.cache import CacheLayout
+from switchhead.decoder import CachedLM, share_tensors
 from switchhead.device import follow_device_moves
 from switchhead.errors import SwitchHeadError
 from switchhead.graph_format import GraphFormatError, dump_module, load_module
@@ -51,7 +53,9 @@ WEIGHTS_FILE = "model.safetensors"
 METADATA_KEY = "switchhead"  # the one safetensors metadata entry: JSON of format, version, aliases
 REPORT_FILE = "report.json"
 OUTPUT_FILES = (WEIGHTS_FILE, PROGRAM_FILE, REPORT_FILE)  # in the order they are moved into place
-KNOWN_FILES = {*OUTPUT_FILES, LEGACY_PROGRAM_FILE}  # what a previous output of any version holds
+DECODE_PROGRAM_FILE = "decode.graph.json"  # a converted decoder's one-token graph (switchhead.decoder)
+DECODE_PREFIX = "switchhead:decode/"  # safetensors names of the decode graph's tensors (shared ones are aliases)
+KNOWN_FILES = {*OUTPUT_FILES, DECODE_PROGRAM_FILE, LEGACY_PROGRAM_FILE}  # what a previous output of any version holds
 
 class SaveError(SwitchHeadError):
     """The output directory cannot be used, or the saved program does not reproduce the model."""
@@ -65,7 +69,7 @@ class LoadError(SwitchHeadError):
 
 
 def save(
-    converted: torch.fx.GraphModule,
+    converted: torch.fx.GraphModule | CachedLM,
     directory: str | os.PathLike[str],
     args: tuple[Any, ...] | None = None,
     kwargs: dict[str, Any] | None = None,
@@ -85,9 +89,13 @@ def save(
     refused unless `overwrite`, and then, when it is not ours, only our three files in it are
     replaced. `check` loads the saved files back and requires identical outputs on the example
     inputs. `extra` adds keys to report.json. `progress` is called with each step's name as it
-    starts ("write", "check").
+    starts ("write", "check"). A CachedLM (switchhead.convert_decoder) is saved as its prefill graph
+    plus `decode.graph.json`, the weights stored once; `load` gives the CachedLM back.
     """
     step = progress or (lambda name: None)
+    decoder = converted if isinstance(converted, CachedLM) else None
+    if decoder is not None:
+        converted = decoder.prefill
     args, kwargs = example_inputs(converted, args, kwargs)
     if report is None:
         report = getattr(converted, "meta", {}).get(REPORT_KEY)
@@ -104,34 +112,50 @@ def save(
     step("write")
     try:
         document = dump_module(converted)
+        decode_document = dump_module(decoder.decode) if decoder is not None else None
     except GraphFormatError as exc:
         raise SaveError(f"cannot save this module: {exc}") from None
     tensors = _tensor_attributes(converted)
     device = next((str(t.device) for t in tensors.values()), "cpu")
+    inputs = _input_tensors(args, kwargs, document)
+    programs = {PROGRAM_FILE: document}
+    if decoder is not None:
+        programs[DECODE_PROGRAM_FILE] = decode_document
+        tensors.update({DECODE_PREFIX + n: t for n, t in _tensor_attributes(decoder.decode).items()})
+        inputs.update({DECODE_PREFIX + n: t for n, t in _input_tensors(*example_inputs(decoder.decode), decode_document).items()})
+    files = (*OUTPUT_FILES, *programs.keys() - {PROGRAM_FILE})
     with _staging_directory(target) as stage:
         mode = _file_mode(stage)
-        _write_weights(tensors, _input_tensors(args, kwargs, document), stage / WEIGHTS_FILE)
-        _write_text(stage / PROGRAM_FILE, json.dumps(document, sort_keys=True, separators=(",", ":")) + "\n")
+        _write_weights(tensors, inputs, stage / WEIGHTS_FILE)
+        for name, body in programs.items():
+            _write_text(stage / name, json.dumps(body, sort_keys=True, separators=(",", ":")) + "\n")
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "files": {"program": PROGRAM_FILE, "weights": WEIGHTS_FILE},
-            "sha256": {name: _sha256(stage / name) for name in (PROGRAM_FILE, WEIGHTS_FILE)},
+            "files": {"program": PROGRAM_FILE, "weights": WEIGHTS_FILE,
+                      **({"decode_program": DECODE_PROGRAM_FILE} if decoder is not None else {})},
+            "sha256": {name: _sha256(stage / name) for name in (*programs, WEIGHTS_FILE)},
             "program_dynamic_shapes": report.dynamic_shapes if report is not None else None,
             "program_static_reason": report.static_reason if report is not None else None,
             "device": device,
             "example_inputs": describe_inputs(args, kwargs),
             "default_attention_mask": bool(converted.meta.get(DEFAULT_MASK_KEY, False)),
         }
+        if decoder is not None:
+            manifest["cache_layout"] = decoder.layout.to_dict()
         body = {**(report.to_dict() if report is not None else {}), **(extra or {}), **manifest}
         _write_text(stage / REPORT_FILE, json.dumps(body, indent=2, sort_keys=True) + "\n")
-        for name in OUTPUT_FILES:
+        for name in files:
             os.chmod(stage / name, mode)
         os.chmod(stage, mode | (mode & 0o444) >> 2)  # mkdtemp made it private; as a new folder would be
         if check:
             step("check")
-            check_round_trip(converted, _load(stage, None, checksums=False), args, kwargs)  # just hashed
-        _commit(stage, target, state)
+            loaded = _load(stage, None, checksums=False)  # just hashed
+            if decoder is not None:
+                check_round_trip(decoder.decode, loaded.decode, *example_inputs(decoder.decode))
+                loaded = loaded.prefill
+            check_round_trip(converted, loaded, args, kwargs)
+        _commit(stage, target, state, files)
     return target
 
 
@@ -230,7 +254,7 @@ def _staging_directory(target: Path) -> Iterator[Path]:
                     parent.rmdir()
 
 
-def _commit(stage: Path, target: Path, state: str) -> None:
+def _commit(stage: Path, target: Path, state: str, files: tuple[str, ...] = OUTPUT_FILES) -> None:
     if state == "missing":
         os.replace(stage, target)
     elif state in ("empty", "ours"):
@@ -239,7 +263,7 @@ def _commit(stage: Path, target: Path, state: str) -> None:
         os.replace(stage, target)
         shutil.rmtree(old, ignore_errors=True)
     else:  # a foreign directory the caller allowed us to write into: replace only our files
-        for name in OUTPUT_FILES:
+        for name in files:
             os.replace(stage / name, target / name)
 
 
@@ -302,8 +326,10 @@ def _input_tensors(args: tuple[Any, ...], kwargs: dict[str, Any], document: dict
 # ----------------------------------------------------------------------------------------- load
 
 
-def load(directory: str | os.PathLike[str], *, device: str | torch.device | None = None) -> torch.fx.GraphModule:
-    """The module saved in `directory` by `save` (or the command line), ready to run and train.
+def load(directory: str | os.PathLike[str], *, device: str | torch.device | None = None
+         ) -> torch.fx.GraphModule | CachedLM:
+    """The module saved in `directory` by `save` (or the command line), ready to run and train (a
+    CachedLM, with `generate`, for a saved switchhead.convert_decoder result).
 
     Its tensors come from model.safetensors, onto `device` (default: the device it was saved
     from; the program may have that device baked into some of its ops); nothing is unpickled or
@@ -313,12 +339,27 @@ def load(directory: str | os.PathLike[str], *, device: str | torch.device | None
     return _load(Path(directory), device, checksums=True)
 
 
-def _load(root: Path, device: str | torch.device | None, checksums: bool) -> torch.fx.GraphModule:
+def _load(root: Path, device: str | torch.device | None, checksums: bool) -> torch.fx.GraphModule | CachedLM:
     manifest = read_manifest(root)
-    program_path = root / PROGRAM_FILE
     if checksums:
         check_checksums(root, manifest)
     tensors = read_weights(root / WEIGHTS_FILE, device or manifest.get("device", "cpu"))
+    decode_tensors = {n[len(DECODE_PREFIX):]: tensors.pop(n) for n in [n for n in tensors if n.startswith(DECODE_PREFIX)]}
+    module = _rebuild(root / PROGRAM_FILE, tensors, manifest)
+    decode_file = manifest["files"].get("decode_program")
+    if decode_file is None:
+        return module
+    decode = _rebuild(root / decode_file, decode_tensors, manifest)
+    try:
+        share_tensors(decode, module)
+        layout = CacheLayout.from_dict(manifest["cache_layout"])
+    except (SwitchHeadError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise LoadError(f"{root} holds a decoder whose graphs or cache layout are damaged: {exc}; save it again") from None
+    return CachedLM(module, decode, layout)
+
+
+def _rebuild(program_path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> torch.fx.GraphModule:
+    """The module of one saved graph document, with its example inputs and the saved report."""
     inputs = {name: tensors.pop(name) for name in [n for n in tensors if n.startswith(INPUTS_PREFIX)]}
     try:
         document = json.loads(program_path.read_text(encoding="utf-8"))
@@ -370,7 +411,9 @@ def read_manifest(root: Path) -> dict[str, Any]:
     files = manifest.get("files")
     if not isinstance(files, dict) or {files.get("program"), files.get("weights")} != {PROGRAM_FILE, WEIGHTS_FILE}:
         raise LoadError(f"{report} does not name the program and weights files")
-    for name in (PROGRAM_FILE, WEIGHTS_FILE):
+    if files.get("decode_program", DECODE_PROGRAM_FILE) != DECODE_PROGRAM_FILE:
+        raise LoadError(f"{report} names an unknown decode program {files['decode_program']!r}")
+    for name in (PROGRAM_FILE, WEIGHTS_FILE, *([DECODE_PROGRAM_FILE] if "decode_program" in files else [])):
         if not (root / name).is_file():
             raise LoadError(f"{root} is incomplete: {name} is missing")
     if not isinstance(manifest.get("sha256"), dict):
@@ -380,7 +423,7 @@ def read_manifest(root: Path) -> dict[str, Any]:
 
 def check_checksums(root: Path, manifest: dict[str, Any]) -> None:
     """The program and weights are the bytes `save` wrote (sha256 recorded in report.json)."""
-    for name in (PROGRAM_FILE, WEIGHTS_FILE):
+    for name in (PROGRAM_FILE, WEIGHTS_FILE, *([manifest["files"]["decode_program"]] if "decode_program" in manifest["files"] else [])):
         if manifest["sha256"].get(name) != _sha256(root / name):
             raise LoadError(f"{root / name} does not match the checksum in {REPORT_FILE}: it was changed or damaged "
                             "after saving; save the model again")

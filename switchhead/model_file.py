@@ -110,20 +110,32 @@ def _checking_modules(check: Callable[[torch.nn.Module], None] | None) -> Iterat
 def load_tokenizer(loaded: ModelFile) -> Any | None:
     """The model file's tokenizer: its `tokenizer`, or what `get_tokenizer()` returns; None when it
     defines neither."""
+    return _tokenizer_in(loaded.module, loaded.path)
+
+
+def tokenizer_of_file(path: str | Path) -> Any | None:
+    """The tokenizer of the model file at `path` (as load_tokenizer), without building its model."""
+    path = Path(path).expanduser()
+    with _on_sys_path(path.resolve().parent):
+        module = import_file(path)
+    return _tokenizer_in(module, path)
+
+
+def _tokenizer_in(module: types.ModuleType, path: Path) -> Any | None:
     for name in TOKENIZER_NAMES:
-        if not hasattr(loaded.module, name):
+        if not hasattr(module, name):
             continue
-        value = getattr(loaded.module, name)
+        value = getattr(module, name)
         if name == "get_tokenizer":
             if not callable(value):
-                raise ModelFileError(f"{loaded.path.name}: `get_tokenizer` is a {type(value).__name__}, expected a function")
-            with _on_sys_path(loaded.path.resolve().parent):
-                value = _call_user(value, f"{loaded.path.name}: get_tokenizer()", loaded.path)
+                raise ModelFileError(f"{path.name}: `get_tokenizer` is a {type(value).__name__}, expected a function")
+            with _on_sys_path(path.resolve().parent):
+                value = _call_user(value, f"{path.name}: get_tokenizer()", path)
             name = "get_tokenizer()"
         if value is None:
             continue
         if not callable(value):
-            raise ModelFileError(f"{loaded.path.name}: `{name}` is a {type(value).__name__}; a tokenizer is called as "
+            raise ModelFileError(f"{path.name}: `{name}` is a {type(value).__name__}; a tokenizer is called as "
                                  "tokenizer(text, add_special_tokens=False) and returns {'input_ids': [...]}")
         return value
     return None

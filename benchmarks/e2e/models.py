@@ -124,6 +124,61 @@ class WithLoss(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+def rotary_at(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """`rotary` at explicit positions [B, T] (a cached decoder's new tokens), x [B, H, T, dh], dh even."""
+    dh = x.shape[-1]
+    inv_freq = 1.0 / (base ** (torch.arange(0, dh, 2, device=x.device, dtype=torch.float32) / dh))  # [dh/2]
+    freqs = positions[:, None, :, None].float() * inv_freq  # [B, 1, T, dh/2]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    x1, x2 = x[..., : dh // 2], x[..., dh // 2:]
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class CachedAttention(Attention):
+    """Attention with K/V in buffers [1, H, length, dh], written at cache_position with index_copy_
+    (the cached form of switchhead.cache: convert_decoder passes its own cache for them)."""
+
+    def __init__(self, d: int, heads: int, head_dim: int, rope_base: float, length: int):
+        super().__init__(d, heads, head_dim, rope_base)
+        self.register_buffer("k_cache", torch.zeros(1, heads, length, head_dim), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(1, heads, length, head_dim), persistent=False)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor, cache_position: torch.Tensor):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        q, k = rotary_at(q, positions, self.rope_base), rotary_at(k, positions, self.rope_base)
+        self.k_cache.index_copy_(2, cache_position, k)
+        self.v_cache.index_copy_(2, cache_position, v)
+        y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=bias)
+        return self.o(y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+class CachedDecoderLM(DecoderLM):
+    """DecoderLM (same parameters) over a static KV cache: forward(input_ids, attention_mask [B, S],
+    position_ids, cache_position) -> logits of the new tokens, their K/V written into the cache."""
+
+    def __init__(self, cfg: LMConfig, length: int = 16):
+        super().__init__(cfg)
+        for block in self.blocks:
+            block.attn = CachedAttention(cfg.d, cfg.heads, cfg.head_dim, cfg.rope_base, length)
+        self.apply(_init)
+        if cfg.tied:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, input_ids, attention_mask, position_ids, cache_position):
+        x = self.embed(input_ids)
+        slots = torch.arange(attention_mask.shape[1], device=x.device)
+        visible = (attention_mask[:, None, None, :] > 0) & (slots <= cache_position[:, None])  # [B, 1, T, S]
+        bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill(~visible, torch.finfo(x.dtype).min)
+        for block in self.blocks:
+            x = x + block.attn(block.ln1(x), bias, position_ids, cache_position)
+            x = x + block.mlp(block.ln2(x))
+        return self.lm_head(self.ln_f(x))
+
+
 class HFLogits(nn.Module):
     """A Hugging Face causal LM as tokens [B, T] -> logits [B, T, vocab] (no KV cache)."""
 

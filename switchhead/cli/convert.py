@@ -23,6 +23,7 @@ from rich.console import Console
 
 import switchhead
 from switchhead.cli.common import PROG, SAVE_PARTS, CliError, Command, ExitCode, Steps
+from switchhead.cli.generate import generate_main
 from switchhead.cli.heal import check_heal_options, heal_converted, heal_options
 from switchhead.cli.render import print_costs, print_site_tables, print_summary
 from switchhead.config import DEFAULT_NUM_EXPERTS, FOLD_QK, INIT_METHODS, ConfigError, SwitchHeadConfig
@@ -50,12 +51,26 @@ Output: DIR/model.graph.json (the converted graph), DIR/model.safetensors
 place only when complete.
 
 \b
+Generating text with a saved decoder: switchhead-rewrite generate --help.
+
+\b
 Exit codes: 0 ok, 1 model file or model failed, 2 bad options, 3 no attention
 to rewrite, 4 output refused or not writable, 5 verification failed,
 70 internal error (please report), 130 interrupted.
 """
 
-@click.command(cls=Command, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class ConvertCommand(Command):
+    """The main command; a first argument `generate` runs `switchhead-rewrite generate` instead (a
+    model file named `generate` is `./generate`)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: ANN001
+        argv = list(sys.argv[1:] if args is None else args)
+        if argv[:1] == ["generate"]:
+            return generate_main.main(argv[1:], f"{prog_name or PROG} generate", complete_var, standalone_mode, **extra)
+        return super().main(argv, prog_name, complete_var, standalone_mode, **extra)
+
+
+@click.command(cls=ConvertCommand, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model_file", type=click.Path(path_type=Path, dir_okay=True))
 @click.option("--experts", "-e", type=int, default=None,
               help=f"Experts per head (E) [default: {DEFAULT_NUM_EXPERTS}; with --init fold, the heads folded into each new head].")
@@ -80,6 +95,9 @@ to rewrite, 4 output refused or not writable, 5 verification failed,
               help="Also export the converted model to ONNX (ai.switchhead custom ops with standard-op "
                    "functions) and check it in onnxruntime.")
 @click.option("--onnx-inline", is_flag=True, help="With --onnx: standard ONNX ops only (no custom domain).")
+@click.option("--kv-cache", is_flag=True,
+              help="A decoder-only LM for generation (switchhead.convert_decoder): prefill and one-token decode "
+                   "graphs over a static KV cache; `switchhead-rewrite generate DIR` then generates with it.")
 @click.option("--dry-run", is_flag=True, help="Only find and report the attention; write nothing.")
 @click.option("--report-json", type=click.Path(path_type=Path, dir_okay=False), metavar="PATH",
               help="Also write the report to PATH.")
@@ -94,7 +112,7 @@ to rewrite, 4 output refused or not writable, 5 verification failed,
 @click.pass_context
 def main(ctx: click.Context, model_file: Path, experts: int | None, top_k: int, init: str, heads: int | None,
          head_dim: int | None, fold_qk: str, seq_len: int, module_filter: str | None, output: Path, onnx_path: Path | None,
-         onnx_inline: bool, dry_run: bool, report_json: Path | None,
+         onnx_inline: bool, kv_cache: bool, dry_run: bool, report_json: Path | None,
          quiet: bool, as_json: bool, seed: int, force: bool, entry: str | None, inputs_name: str | None,
          show_traceback: bool, **heal_params: Any) -> int:
     """Rewrite every multi-head attention of the model in MODEL_FILE into SwitchHead attention
@@ -115,10 +133,12 @@ def main(ctx: click.Context, model_file: Path, experts: int | None, top_k: int, 
         if seq_len < 1:
             raise CliError(f"--seq-len must be at least 1, got {seq_len}", ExitCode.USAGE)
         heal = check_heal_options(ctx, heal_params, dry_run, lambda message: CliError(message, ExitCode.USAGE))
+        if kv_cache and (dry_run or (heal is not None and heal.enabled)):
+            raise CliError("--kv-cache cannot be combined with --dry-run or --heal-data yet", ExitCode.USAGE)
         if not dry_run:
             _check_output(output, force)
         result = _run(model_file, entry, inputs_name, config, output, dry_run, force, steps, out, seq_len,
-                      onnx_path, onnx_inline, heal)
+                      onnx_path, onnx_inline, heal, kv_cache)
         result["timings_s"] = {k: round(v, 3) for k, v in steps.timings.items()}
         result["timings_s"]["total"] = round(sum(steps.timings.values()), 3)
         if report_json is not None:
@@ -162,7 +182,7 @@ def _check_output(output: Path, force: bool) -> None:
 
 def _run(model_file: Path, entry: str | None, inputs_name: str | None, config, output: Path, dry_run: bool,
          force: bool, steps: Steps, out: Console | None, seq_len: int, onnx_path: Path | None = None,
-         onnx_inline: bool = False, heal=None) -> dict[str, Any]:
+         onnx_inline: bool = False, heal=None, kv_cache: bool = False) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     steps.start("load")
     # head counts the model's config refutes fail while the file builds it, before its weights load
@@ -171,10 +191,11 @@ def _run(model_file: Path, entry: str | None, inputs_name: str | None, config, o
     if dry_run:
         return _dry_run(loaded, config, steps, out)
     try:
-        converted = _convert(loaded, config, steps)
+        converted = (switchhead.convert_decoder(loaded.model, config, progress=steps.start) if kv_cache
+                     else _convert(loaded, config, steps))
     except switchhead.NoAttentionError as exc:
         raise _explain_no_attention(loaded, config, steps, out) from exc
-    report = switchhead.report_of(converted)
+    report = switchhead.report_of(converted.prefill if kv_cache else converted)
     report.costs = report.cost_summary(seq_len)
     steps.done()
     if not force and output_state(output) == "ours" and not holds_same_model(output, report.to_dict()):
@@ -188,7 +209,9 @@ def _run(model_file: Path, entry: str | None, inputs_name: str | None, config, o
     steps.start("save")
     extra = {"source": str(model_file), "timings_s": {k: round(v, 3) for k, v in steps.timings.items()}}
     try:
-        target = save(converted, output, loaded.args, loaded.kwargs, report, overwrite=force, extra=extra,
+        # a decoder's graphs remember their own example inputs (the cached form's)
+        inputs = (None, None) if kv_cache else (loaded.args, loaded.kwargs)
+        target = save(converted, output, *inputs, report, overwrite=force, extra=extra,
                       progress=lambda part: steps.detail(SAVE_PARTS[part]))
     except OSError as exc:
         raise CliError(f"cannot write {output}: {exc.strerror or exc}", ExitCode.OUTPUT) from exc
@@ -234,7 +257,11 @@ def _export_onnx(converted, inputs, path: Path, inline: bool, steps: Steps) -> d
                        ExitCode.USAGE) from exc
     args, kwargs = inputs
     try:
-        exported = export_onnx(converted, path, args, kwargs, inline=inline, progress=steps.detail)
+        if isinstance(converted, switchhead.CachedLM):  # --kv-cache: the decoder-with-past file
+            from switchhead.exporters.onnx_decoder import export_decoder_onnx
+            exported = export_decoder_onnx(converted, path, inline=inline)
+        else:
+            exported = export_onnx(converted, path, args, kwargs, inline=inline, progress=steps.detail)
     except OSError as exc:
         raise CliError(f"cannot write --onnx {path}: {exc.strerror or exc}", ExitCode.OUTPUT) from exc
     steps.done()

@@ -86,6 +86,7 @@ def export_onnx(
     verify_rtol: float = DEFAULT_RTOL,
     optimize: bool | None = None,
     progress: Callable[[str], None] | None = None,
+    dynamic_shapes: Any = None,
 ) -> OnnxExport:
     """Export `module` (a switchhead.convert() result or any dense model) to ONNX at `path`.
 
@@ -114,6 +115,8 @@ def export_onnx(
             model, and on SmolLM2-135M the exporter's took about 60 of the export's 150 CPU seconds.
         progress: called with a description of each stage as it starts (the whole export takes
             minutes on a 135M model on a small CPU).
+        dynamic_shapes: with `dynamic`, torch.export's dynamic_shapes instead of the automatic
+            batch / sequence dims.
     """
     step = progress or (lambda text: None)
     if opset_version is not None and opset_version < MIN_OPSET:
@@ -122,7 +125,7 @@ def export_onnx(
     path = Path(path)
     with _export_mode(module):
         step("capturing with torch.export")
-        program, static_reason = _torch_export(_without_autocast_regions(module), args, kwargs, dynamic)
+        program, static_reason = _torch_export(_without_autocast_regions(module), args, kwargs, dynamic, dynamic_shapes)
         step("translating to ONNX")
         try:
             onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=onnx_ops.translation_table(),
@@ -198,12 +201,13 @@ def _without_autocast_regions(module: torch.nn.Module) -> torch.nn.Module:
     return torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
 
 
-def _torch_export(module, args, kwargs, dynamic: bool) -> tuple[torch.export.ExportedProgram, str | None]:
+def _torch_export(module, args, kwargs, dynamic: bool, dynamic_shapes: Any = None
+                  ) -> tuple[torch.export.ExportedProgram, str | None]:
     """Dynamic: the batch and sequence dims as convert() captures them (`capture.export_dynamic`:
     size-1 example dims widened, the others static); static: the example shapes
     (`capture.export_static`)."""
     if dynamic:
-        exported = export_dynamic(module, args, kwargs)
+        exported = export_dynamic(module, args, kwargs, dynamic_shapes)
         return exported.program, exported.static_reason
     try:
         return export_static(module, args, kwargs), None

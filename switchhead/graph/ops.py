@@ -35,6 +35,26 @@ CAST_OPS = {
     aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.type_as.default,
     aten.detach.default, aten.lift_fresh_copy.default,
 }
+# Writes of new tokens into a preallocated KV cache (HF StaticCache's index_copy_, a hand-written
+# `cache[:, :, positions] = k`): op -> (cache operand, written-values operand). What the cache holds
+# afterwards is the written tensor's features at other sequence positions.
+CACHE_WRITE_OPS = {
+    aten.index_copy_.default: (0, 3), aten.index_copy.default: (0, 3),
+    aten.index_put_.default: (0, 2), aten.index_put.default: (0, 2),
+    aten.slice_scatter.default: (0, 1),
+}
+
+
+def cache_write_dim(node: torch.fx.Node) -> int | None:
+    """The sequence dim a cache write (CACHE_WRITE_OPS) writes along; None if it is not one dim."""
+    if node.target in (aten.index_copy_.default, aten.index_copy.default):
+        return node.args[1]
+    if node.target is aten.slice_scatter.default:
+        return node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    indexed = [i for i, index in enumerate(node.args[1]) if index is not None]
+    return indexed[0] if len(indexed) == 1 else None
+
+
 # Ops that drop out of the graph's meaning: asserts the exporter leaves behind.
 NOOP_OPS = {aten._assert_tensor_metadata.default}
 

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 
-from switchhead.graph.ops import CAST_OPS, LAYOUT_OPS, NOOP_OPS, is_pointwise
+from switchhead.graph.ops import CACHE_WRITE_OPS, CAST_OPS, LAYOUT_OPS, NOOP_OPS, cache_write_dim, is_pointwise
 
 aten = torch.ops.aten
 _ROW_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.var.correction, aten.norm.ScalarOpt_dim,
@@ -133,6 +133,8 @@ def _replay_node(node: torch.fx.Node, prov: dict, values: dict, mode: str) -> An
             parts = [prov[a] if a in prov else torch.full(values[a].shape, -1, dtype=torch.long) for a in node.args[0]]
             return target(parts, *args[1:], **kwargs)
         return target(*args, **kwargs)
+    if target in CACHE_WRITE_OPS and node.args[CACHE_WRITE_OPS[target][1]] in prov and mode != "rows":
+        return _cache_ids(node, prov, values, mode)
     if mode in ("lenient", "rows") and target in _ROW_NORMS:
         source = prov[node.args[0]]
         trailing = list(range(source.dim() - len(node.args[1]), source.dim()))
@@ -173,6 +175,33 @@ def _reduced(node: torch.fx.Node, rank: int) -> tuple[list[int], bool]:
     keepdim = bool(rest[1]) if len(rest) > 1 else bool(node.kwargs.get("keepdim", False))
     dims = list(range(rank)) if dims is None else [dims] if isinstance(dims, int) else list(dims)
     return dims, keepdim
+
+
+def _cache_ids(node: torch.fx.Node, prov: dict, values: dict, mode: str) -> torch.Tensor:
+    """Ids of a KV cache after a write of tracked values: every position holds the written tensor's
+    features (earlier calls wrote the same projection there), so the written ids, constant along
+    the sequence dim, spread over the whole cache."""
+    cache, written = CACHE_WRITE_OPS[node.target]
+    if node.args[cache] in prov:
+        raise ProvenanceError(f"{describe(node)} writes tracked values into a tracked cache")
+    dim = cache_write_dim(node)
+    ids = prov[node.args[written]]
+    shape = values[node].shape
+    if dim is None or ids.dim() != len(shape):
+        raise ProvenanceError(f"{describe(node)} writes along more than one dim")
+    first = ids.narrow(dim, 0, 1)
+    if torch.equal(first.expand_as(ids), ids):
+        return first.expand(shape).contiguous()
+    if mode != "lenient":
+        raise ProvenanceError(f"{describe(node)} writes elements that vary along the sequence into a cache")
+    # Element ids (which element lands where, this call): the written slots get them, the rest of
+    # the cache comes from nothing being tracked (-1).
+    args = list(node.args)
+    args[cache], args[written] = torch.full(shape, -1, dtype=torch.long), ids
+    # ids live on the CPU; the example positions may not (a model converted on its GPU)
+    args = torch.fx.node.map_arg(args, lambda a: values[a].to(ids.device) if isinstance(values[a], torch.Tensor) else values[a])
+    out_of_place = {"index_copy_": aten.index_copy.default, "index_put_": aten.index_put.default}
+    return out_of_place.get(node.target._opname, node.target)(*args)
 
 
 def rerun(

@@ -97,3 +97,21 @@ def linear_weight(values: dict[torch.fx.Node, Any], node: torch.fx.Node) -> tupl
 def rms(t: torch.Tensor) -> float:
     """Root mean square of a tensor's values."""
     return float(t.detach().float().pow(2).mean().sqrt())
+
+
+def resize_input(gm: torch.fx.GraphModule, name: str, shape: list[int], example: torch.Tensor) -> None:
+    """Declare graph input `name` (a placeholder) with the new `shape`, its dims that keep the size
+    of `example` (the old example value) keeping their symbolic size. torch.export's guard call
+    (`_guards_fn`, code fixed at export time) goes: the input spec and the placeholders' values
+    are what the module then checks its inputs against."""
+    node = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == name)
+    old = node.meta.get("val")
+    if old is not None:
+        sizes = [old.shape[d] if d < old.dim() and shape[d] == example.shape[d] else shape[d] for d in range(len(shape))]
+        with old.fake_mode:
+            node.meta["val"] = torch.empty(sizes, dtype=old.dtype, device=old.device)
+    for guard in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
+        gm.graph.erase_node(guard)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm.recompile()

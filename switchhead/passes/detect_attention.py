@@ -11,9 +11,10 @@ Method (dataflow, no per-model patterns)
     1. Cores: every SDPA node, and every softmax over the last dim whose output (through casts and
        dropout) is the left operand of a matmul/bmm/einsum, and whose input (through masks, scales
        and biases) is a matmul/bmm/baddbmm/einsum: the query-key product.
-    2. Value: walk back from the core's value operand through pure data-movement ops to a linear map
-       with a parameter weight. Replaying feature ids from that projection (graph.provenance) gives
-       each KV head's projection columns, whatever the split / view / interleave / GQA expansion.
+    2. Value: walk back from the core's value operand through pure data-movement ops (and through a
+       KV-cache write to the values written) to a linear map with a parameter weight. Replaying
+       feature ids from that projection (graph.provenance) gives each KV head's projection columns,
+       whatever the split / view / interleave / GQA expansion / cache.
     3. Output: walk forward from the core output through data movement to a linear map; replaying
        (head, dim) ids gives the columns of each head at the O projection's input.
     4. Query: the one linear map the query depends on; its input routes the O experts. Replaying row
@@ -30,6 +31,7 @@ import torch
 import torch.fx
 
 from switchhead.graph.ops import (
+    CACHE_WRITE_OPS,
     CAST_OPS,
     LAYOUT_OPS,
     MATMUL_OPS,
@@ -240,6 +242,9 @@ def _walk_back_to_projection(graph: _Graph, node: Any) -> torch.fx.Node:
     while isinstance(node, torch.fx.Node):
         if graph.projection(node):
             return node
+        if node.op == "call_function" and node.target in CACHE_WRITE_OPS:  # V read back from a KV cache
+            node = node.args[CACHE_WRITE_OPS[node.target][1]]
+            continue
         if node.op != "call_function" or node.target not in _PASS_THROUGH or node.target in (aten.cat.default, aten.stack.default):
             break
         node = node.args[0]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from switchhead.graph.ops import CAST_OPS, NOOP_OPS, is_pointwise
+from switchhead.graph.ops import CACHE_WRITE_OPS, CAST_OPS, NOOP_OPS, is_pointwise
 from switchhead.graph.provenance import describe
 from switchhead.graph.surgery import module_at, register
 from switchhead.passes.fold_plan import FoldPlan, projections
@@ -23,7 +23,8 @@ from switchhead.passes.resize import MaskSizes, ScaledSizes
 aten = torch.ops.aten
 
 
-_SIZE_FREE = CAST_OPS | NOOP_OPS | {
+# KV-cache writes have no size arguments: the cache tensor written into is resized (fold_heads)
+_SIZE_FREE = CAST_OPS | NOOP_OPS | set(CACHE_WRITE_OPS) | {
     aten.transpose.int, aten.permute.default, aten.t.default, aten.contiguous.default, aten.clone.default,
     aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.alias.default,
     aten.movedim.int, aten.swapaxes.default, aten.flatten.using_ints, aten.cat.default, aten.stack.default,

@@ -40,7 +40,8 @@ import torch.fx
 from switchhead import experts as expert_init
 from switchhead.config import SwitchHeadConfig
 from switchhead.errors import ConfigMismatchError
-from switchhead.graph.ops import linear_parts
+from switchhead.graph.cache_writes import whole_view_base
+from switchhead.graph.ops import CACHE_WRITE_OPS, linear_parts
 from switchhead.graph.provenance import describe
 from switchhead.graph.surgery import erase_unused, linear_weight, module_at, register, rms
 from switchhead.passes.fold_edits import fold_external_operands, head_size_operands, size_edit
@@ -75,8 +76,25 @@ def fold_heads(gm: torch.fx.GraphModule, state: PassState) -> PassResult:
             raise _mismatch(fold.site, exc, config) from None
         counters["folded_sites"] += 1
         counters["resized_sites"] += int(fold.resized)
+        counters["resized_caches"] = counters.get("resized_caches", 0) + _resize_caches(fold, state)
     erase_unused(gm, list(copies))
     return PassResult(gm, bool(folds), counters)
+
+def _resize_caches(fold: FoldPlan, state: PassState) -> int:
+    """Record the new shape of each KV cache input the site writes into (the written tensor's, at
+    the kept heads and new head size): the caller passes a cache of that shape."""
+    count = 0
+    for node in fold.region:
+        if node.op != "call_function" or node.target not in CACHE_WRITE_OPS:
+            continue
+        cache = whole_view_base(node.args[CACHE_WRITE_OPS[node.target][0]])
+        if cache.op != "placeholder":
+            raise FoldError("the KV cache it writes is not a graph input (a buffer cannot be resized): pass the "
+                            "cache as an input (switchhead.convert_decoder does)")
+        state.resized_inputs[cache.target] = list(fold.sizes.shape(node))
+        count += 1
+    return count
+
 
 def _mismatch(site: AttentionSite, exc: FoldError, config: SwitchHeadConfig) -> ConfigMismatchError:
     if config.head_dim is None:

@@ -57,6 +57,8 @@ class PassState:
     skipped: list[SkippedSite] = dataclasses.field(default_factory=list)  # detection: why not
     plans: dict[int, SitePlan] = dataclasses.field(default_factory=dict)  # folding: by site index
     applied: list[SitePlan] = dataclasses.field(default_factory=list)  # rewrite: per site
+    # folding: new shapes of graph inputs the graph writes its KV cache into, by placeholder name
+    resized_inputs: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

@@ -128,3 +128,15 @@ def test_random_init_with_fewer_heads():
     args, kwargs = case.other_inputs()
     out = new(*args, **kwargs)
     assert out.last_hidden_state.shape == (3, 5, 32)
+
+
+def test_a_bf16_model_folds_into_bf16_experts():
+    """The experts' noise factors are drawn in fp32: applied as such they made a bf16 model's
+    experts fp32, and the folded model failed on its own inputs (found by benchmarks/bench_generate)."""
+    case = ZOO_BY_NAME["nanogpt"]
+    model = case.build().to(torch.bfloat16)
+    args, kwargs = case.example_inputs()
+    new = switchhead.convert(model, args, kwargs, switchhead.SwitchHeadConfig(init="fold", num_heads=2, num_experts=3))
+    experts = {name: p.dtype for name, p in new.named_parameters() if name.endswith("_experts")}
+    assert experts and set(experts.values()) == {torch.bfloat16}
+    assert new(*args, **kwargs).dtype == torch.bfloat16
