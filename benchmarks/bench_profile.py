@@ -9,6 +9,7 @@ against dense (the baseline), then each side's top kernels and its matrix produc
 expert kernels) are what the rewrite adds beyond the heads it removed.
 
     python -m benchmarks.bench_profile --out OUT [--seq-lens 512 2048] [--tokens 16384]
+    python -m benchmarks.bench_profile --from-json benchmarks/results/profile_h200_2026-12-04.json
     python -m benchmarks.bench_profile --device cpu --tiny --out /tmp/prof     # smoke test
 """
 
@@ -78,9 +79,6 @@ def profile_steps(step, steps: int, cuda: bool) -> dict[str, Any]:
         for e in prof.key_averages():
             if e.self_cpu_time_total > 0:
                 kernels[e.key] += e.self_cpu_time_total / steps
-    cats: dict[str, float] = collections.Counter()
-    for name, us in kernels.items():
-        cats[category(name)] += us
     gemms = []
     for e in prof.key_averages(group_by_input_shape=True):
         if e.key in GEMM_OPS:
@@ -88,7 +86,7 @@ def profile_steps(step, steps: int, cuda: bool) -> dict[str, Any]:
             gemms.append({"op": e.key, "shapes": str(e.input_shapes)[:120], "calls": e.count / steps,
                           "us": float(total) / steps})
     gemms.sort(key=lambda g: -g["us"])
-    return {"kernels": dict(kernels), "categories": dict(cats), "gemms": gemms[:25]}
+    return {"kernels": dict(kernels), "categories": categories(kernels), "gemms": gemms[:25]}
 
 
 def build(name: str, device: torch.device) -> dict[str, torch.nn.Module]:
@@ -140,10 +138,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def categories(kernels: dict[str, float]) -> dict[str, float]:
+    """us per step of each category, annotations (spans over other kernels) left out."""
+    cats: dict[str, float] = collections.Counter()
+    for name, us in kernels.items():
+        if not ANNOTATION.search(name):
+            cats[category(name)] += us
+    return dict(cats)
+
+
 def table(result: dict[str, Any], top: int = 12) -> str:
     lines = []
     for T in sorted({r["seq_len"] for r in result["rows"]}):
-        rows = {r["side"]: r for r in result["rows"] if r["seq_len"] == T}
+        rows = {r["side"]: {**r, "categories": categories(r["kernels"]),
+                            "kernels": {k: v for k, v in r["kernels"].items() if not ANNOTATION.search(k)}}
+                for r in result["rows"] if r["seq_len"] == T}
         dense, sh = rows.get("dense"), rows.get("switchhead")
         lines += [f"### {result['model']}, T={T}, {result['tokens']} tokens per step: GPU ms per training step", "",
                   "| category | dense | SwitchHead | SH - dense |", "|---|---|---|---|"]
@@ -173,7 +182,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tokens", type=int, default=None, help="tokens per step (default 16384)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--from-json", type=Path, help="no run: the tables of an earlier profile.json")
     args = ap.parse_args(argv)
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+        print(table(result))
+        return result
     args.model = "tiny" if args.tiny else "262M"
     args.seq_lens = args.seq_lens or ([16, 8] if args.tiny else [512, 2048])
     args.tokens = args.tokens or (32 if args.tiny else 16384)

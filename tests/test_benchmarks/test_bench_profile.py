@@ -19,6 +19,8 @@ def test_tiny_cpu_run_profiles_both_sides_at_each_length(tmp_path):
     assert json.loads((tmp_path / "profile.json").read_text())["rows"][0]["side"] == "dense"
     text = (tmp_path / "profile.md").read_text()
     assert "| all kernels |" in text and "T=8" in text and "T=16" in text
+    again = bench.main(["--from-json", str(tmp_path / "profile.json")])
+    assert again["rows"] == json.loads((tmp_path / "profile.json").read_text())["rows"]
 
 
 def test_kernel_names_fall_into_their_categories():
