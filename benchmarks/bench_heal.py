@@ -149,6 +149,9 @@ def run_method(method: str, teacher, example: dict[str, torch.Tensor], train, he
     start = time.perf_counter()
     kept_heads = heads
     if method == "fold":
+        # fold_qk="fit" fits Q/K on the activations of the inputs convert sees: the calibration batch
+        # of training sentences, not the two short held-out ones
+        example = calibration if fold_qk == "fit" and calibration is not None else example
         student = switchhead.convert(teacher, (), example, config=switchhead.SwitchHeadConfig(
             init="fold", num_heads=heads, top_k=top_k, fold_qk=fold_qk))
         costs = switchhead.report_of(student).cost_table(cfg.seq_len)

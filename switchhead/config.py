@@ -12,7 +12,7 @@ from switchhead.kernels.choice import IMPLS as EXPERT_IMPLS
 from switchhead.errors import ConfigMismatchError
 
 INIT_METHODS = ("upcycle", "random", "fold")
-FOLD_QK = ("mean", "first")
+FOLD_QK = ("mean", "first", "fit")
 DEFAULT_NUM_EXPERTS = 4
 CONFIG_VERSION = 1
 
@@ -62,7 +62,10 @@ class SwitchHeadConfig:
             init="random": Q/K projections, V/O experts, the softmax scale (1/sqrt(head_dim) where
             the model used 1/sqrt of its own), RoPE tables and Q/K norms follow it.
         fold_qk: how a group's Q and K heads become one: "mean" of the group (as GQA uptraining
-            pools K/V heads) or the "first" head of the group.
+            pools K/V heads), the "first" head of the group, or "fit": Q/K rows whose scores best
+            match the mean of the group's scores on the example inputs' activations (least squares;
+            where scores are bilinear in the projections: no RoPE, no q/k norm, no GQA; the mean
+            elsewhere). Give representative example inputs for "fit".
         fold_noise: relative std of the noise that tells apart experts copied from the same head
             when num_experts exceeds the fold group size.
         module_filter: optional regex; only attention whose module path matches (re.search) is
@@ -87,7 +90,7 @@ class SwitchHeadConfig:
     init: Literal["upcycle", "random", "fold"] = "upcycle"
     num_heads: int | None = None
     head_dim: int | None = None
-    fold_qk: Literal["mean", "first"] = "mean"
+    fold_qk: Literal["mean", "first", "fit"] = "mean"
     fold_noise: float = 1e-2
     module_filter: str | None = None
     init_scale: float | None = None

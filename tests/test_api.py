@@ -126,7 +126,7 @@ def test_report_round_trips_through_json():
     (dict(init="merge"), "init must be one of upcycle, random, fold"),
     (dict(num_heads=2), "num_heads changes the model's function: use init='fold'"),
     (dict(init="fold", num_heads=0), "num_heads must be a positive integer"),
-    (dict(fold_qk="max"), "fold_qk must be one of mean, first"),
+    (dict(fold_qk="max"), "fold_qk must be one of mean, first, fit"),
     (dict(module_filter="("), "module_filter is not a valid regular expression"),
     (dict(init_scale=-1.0), "init_scale must be a positive number"),
     (dict(upcycle_router_scale=0.5), "upcycle_router_scale"),

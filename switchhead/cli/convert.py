@@ -85,7 +85,8 @@ class ConvertCommand(Command):
               help="Head size of every rewritten attention (e.g. --heads 4 --head-dim 112 for the paper's 262M "
                    "setup); needs --init random. Q/K, the experts, the softmax scale and RoPE follow it.")
 @click.option("--fold-qk", type=click.Choice(FOLD_QK), default=DEFAULTS.fold_qk, show_default=True,
-              help="How a folded group's Q/K heads become one: their mean, or the first head.")
+              help="How a folded group's Q/K heads become one: their mean, the first head, or fitted to "
+                   "the group's mean scores on the example inputs (fit).")
 @click.option("--seq-len", type=int, default=2048, show_default=True,
               help="Sequence length of the before/after cost table (MACs per token, activation memory).")
 @click.option("--filter", "module_filter", metavar="REGEX", help="Only rewrite attention whose module path matches (re.search).")

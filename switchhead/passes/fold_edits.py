@@ -270,7 +270,7 @@ def _fold_along(graph, gm, plan: FoldPlan, ext, dim: int, keep: torch.Tensor, fo
     owner = module_at(gm, plan.site.path)
     x = graph.call_function(aten.unflatten.int, (ext, dim, [-1, heads])) if merged else ext
     head_dim = dim + 1 if merged else dim
-    columns = range(plan.members.shape[1]) if fold_qk == "mean" else range(1)
+    columns = range(1) if fold_qk == "first" else range(plan.members.shape[1])  # "fit" fits Q/K rows only
     picks = []
     for column in columns:
         name = register(owner, plan.site.path, "head_index", plan.members[:, column].clone(), buffer=True)

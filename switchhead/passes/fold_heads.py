@@ -17,7 +17,9 @@ Method
 
 Folding rules (documented for users)
     Q (and K, without GQA): each new head gets the mean (fold_qk="mean") or the first
-    (fold_qk="first") of its group's heads, column by column. V/O: expert e of a new head is the
+    (fold_qk="first") of its group's heads, column by column; or (fold_qk="fit") Q and K rows whose
+    scores best match the mean of the group's scores on the example activations (fold_fit.py), where
+    the scores are bilinear in the projections (no RoPE, no q/k norm, no GQA), the mean elsewhere. V/O: expert e of a new head is the
     group's head e; with E > G, expert e copies head e mod G times (1 + fold_noise * N(0, 1)).
     V experts are scaled by 2/k and O experts by 2G/k, so with routers at sigmoid(0) = 1/2 the k
     active V experts average and the O experts add up like the dense group's heads did. Routers
@@ -44,6 +46,7 @@ from switchhead.graph.cache_writes import whole_view_base
 from switchhead.graph.ops import CACHE_WRITE_OPS, linear_parts
 from switchhead.graph.provenance import describe
 from switchhead.graph.surgery import erase_unused, linear_weight, module_at, register, rms
+from switchhead.passes import fold_fit
 from switchhead.passes.fold_edits import fold_external_operands, head_size_operands, size_edit
 from switchhead.passes.fold_plan import FoldPlan, plan_fold
 from switchhead.passes.plan import FoldError, PassResult, PassState, SitePlan
@@ -129,34 +132,67 @@ def apply_fold(gm: torch.fx.GraphModule, values: dict, plan: FoldPlan, config: S
     if plan.resized:
         projection_weights = _random_projections(gm, values, plan, generator)
     else:
-        projection_weights = _fold_projections(gm, values, plan, config)
+        projection_weights = _fold_projections(gm, values, plan, config, counters)
     return _expert_plan(values, plan, projection_weights, config, generator, init_scale)
 
-def _fold_projections(gm, values, plan: FoldPlan, config) -> dict[torch.fx.Node, tuple]:
+def _fold_projections(gm, values, plan: FoldPlan, config, counters: dict[str, int]) -> dict[torch.fx.Node, tuple]:
     """New (weight [F2, d], bias) of each projection, keeping surviving columns: Q (and K without
-    GQA) rows folded over each group. The V projection's is returned for the expert rewrite."""
+    GQA) rows folded over each group (fitted where fold_qk="fit" applies: fold_fit.py, counted in
+    `fitted_qk_sites`; the mean elsewhere). The V projection's is returned for the expert rewrite."""
     site = plan.site
     folded: dict[torch.fx.Node, list] = {}
     for proj in dict.fromkeys((site.query_node, site.key_node, site.value_node)):  # ordered, not by address
         weight, bias = linear_weight(values, proj)
         folded[proj] = [weight.clone(), None if bias is None else bias.clone()]
     if config.init != "random":
-        for proj, columns in plan.head_columns.items():  # columns [H, dh]
+        for proj, columns in plan.head_columns:  # columns [H, dh]
             weight, bias = folded[proj]
             source_w, source_b = linear_weight(values, proj)
             for group in plan.members:
                 target = columns[group[0]]
-                pick = columns[group] if config.fold_qk == "mean" else columns[group[:1]]  # [g, dh]
+                pick = columns[group[:1]] if config.fold_qk == "first" else columns[group]  # [g, dh]
                 weight[target] = source_w[pick].mean(0)
                 if bias is not None:
                     bias[target] = source_b[pick].mean(0)
+        if config.fold_qk == "fit" and _fittable(plan):
+            _fit_qk(values, plan, folded)
+            counters["fitted_qk_sites"] = counters.get("fitted_qk_sites", 0) + 1
     results = {}
     for proj, (weight, bias) in folded.items():
         keep = plan.masks[proj].reshape(-1, weight.shape[0]).any(0)
         results[proj] = (weight, bias, keep.nonzero().flatten())
-        if proj is not site.value_node and not (bool(keep.all()) and proj not in plan.head_columns):
+        if proj is not site.value_node and not (bool(keep.all()) and all(proj is not p for p, _ in plan.head_columns)):
             _set_projection(gm, proj, weight[keep], None if bias is None else bias[keep], site.path)
     return results
+
+def _fittable(plan: FoldPlan) -> bool:
+    """Scores bilinear in the Q/K projections' rows, every query head with its own key head."""
+    if len(plan.head_columns) != 2:  # GQA: the mean of the queries is already the mean score
+        return False
+    query, key = plan.site.core_operands[:2]
+    return all(fold_fit.bilinear_path(proj, anchor) for (proj, _), anchor in zip(plan.head_columns, (query, key)))
+
+
+def _fit_qk(values, plan: FoldPlan, folded: dict[torch.fx.Node, list]) -> None:
+    """Each new head's Q and K rows fitted to its group's mean scores on the example activations."""
+    (q_proj, q_cols), (k_proj, k_cols) = plan.head_columns  # [H, dh] rows of each projection
+    (wq, bq), (wk, bk) = linear_weight(values, q_proj), linear_weight(values, k_proj)
+    xq = fold_fit.augmented(values[linear_parts(q_proj)[0]], bq is not None)  # [N, Dq]
+    xk = fold_fit.augmented(values[linear_parts(k_proj)[0]], bk is not None)  # [N, Dk]
+
+    def rows(w, b, cols):  # [dh, D]: the head's weight rows, its bias as the last column
+        return w[cols] if b is None else torch.cat([w[cols], b[cols, None]], 1)
+
+    for group in plan.members:
+        a, b = fold_fit.fit_group([rows(wq, bq, q_cols[h]) for h in group], [rows(wk, bk, k_cols[h]) for h in group],
+                                  xq, xk)
+        for proj, cols, fit, has_bias in ((q_proj, q_cols, a, bq is not None), (k_proj, k_cols, b, bk is not None)):
+            weight, bias = folded[proj]
+            target = cols[group[0]]
+            weight[target] = fit[:, :weight.shape[1]].to(weight.dtype)
+            if has_bias:
+                bias[target] = fit[:, -1].to(bias.dtype)
+
 
 def _random_projections(gm, values, plan: FoldPlan, generator) -> dict[torch.fx.Node, tuple]:
     """New random (weight [F2, d], bias [F2] of zeros, all F2 columns) of each projection for the

@@ -33,7 +33,8 @@ class FoldPlan:
     members: torch.Tensor  # [H2, G] dense query heads of each new head; column 0 keeps its place
     masks: dict[torch.fx.Node, torch.Tensor]  # surviving elements of every tensor in the region (all of dh)
     region: list[torch.fx.Node]  # nodes between the projections and the O projection, in order
-    head_columns: dict[torch.fx.Node, torch.Tensor]  # Q (and K without GQA) projection: [H, dh] columns
+    # (projection, [H, dh] columns) of Q and of K without GQA: a list, as one fused projection holds both
+    head_columns: list[tuple[torch.fx.Node, torch.Tensor]]
     sizes: MaskSizes | ScaledSizes  # new sizes of the region's tensors
     head_dim: int  # the new head size
 
@@ -87,7 +88,7 @@ def plan_fold(values: dict, site: AttentionSite, num_heads: int, head_dim: int |
         sizes = ScaledSizes([*probes, (site.head_dim, sizes)], head_dim)
     query, key = site.core_operands[:2]
     roles = [(site.query_node, query)] + ([(site.key_node, key)] if site.num_kv_heads == site.num_heads else [])
-    head_columns = {proj: _head_columns(values, proj, anchor, site.num_heads) for proj, anchor in roles}
+    head_columns = [(proj, _head_columns(values, proj, anchor, site.num_heads)) for proj, anchor in roles]
     return FoldPlan(site, members, masks, region, head_columns, sizes, head_dim)
 
 def _head_columns(values, proj, anchor, heads) -> torch.Tensor:

@@ -105,6 +105,17 @@ def test_fold_qk_first_uses_the_first_head_of_each_group():
     assert torch.equal(folded[:12], dense[:12]) and torch.equal(folded[12:24], dense[24:36])
 
 
+def test_fold_qk_mean_averages_q_and_k_of_a_fused_projection():
+    """nanoGPT's c_attn holds Q, K and V: both Q and K get their group's mean (K's columns once
+    replaced Q's in the plan, so Q silently kept the first head)."""
+    case = ZOO_BY_NAME["nanogpt"]
+    model, new = _fold(case, 2)
+    dense = model.blocks[0]["attn"].c_attn.weight.detach()  # [3*48, 48]: Q, K, V rows in 4 heads of 12
+    folded = dict(new.named_parameters())["blocks.0.attn.v_rest_weight"]  # kept Q and K rows: 2 heads each
+    heads = dense[:96].view(2, 2, 2, 12, 48)  # [Q/K, group, member, dh, d]
+    torch.testing.assert_close(folded.detach().view(2, 2, 12, 48), heads.mean(2))
+
+
 @pytest.mark.parametrize("heads", [4, 3, 1])  # not a divisor of 6; not a multiple of the 2 KV heads
 @pytest.mark.parametrize("filtered, where", [
     (False, "LlamaForCausalLM's config"),  # what the config declares, checked before the capture

@@ -1,0 +1,87 @@
+"""Fitted Q/K rows for folded heads (fold_qk="fit"): the new head's scores reproduce the mean of its
+group's scores on the example activations, by least squares.
+
+Shape legend: N example tokens, Dq / Dk the Q / K projection input widths (+1 where the projection has
+a bias), dh head size, G heads in the group.
+
+Dense head i scores a query x_q and a key x_k as x_q A_i^T B_i x_k^T, with A_i [dh, Dq] the head's
+rows of the Q projection ([W | b], x with a trailing 1 where there is a bias) and B_i those of K. The
+group's mean score is the bilinear form M = mean_i A_i^T B_i [Dq, Dk], of rank up to G*dh; one head
+gives rank dh. Over the example tokens X_q [N, Dq], X_k [N, Dk] the error || X_q (A^T B - M) X_k^T ||_F
+equals || S_q (A^T B - M) S_k ||_F with S = (X^T X)^(1/2), so the best A, B are the top dh singular
+triplets of S_q M S_k = U Sigma V^T (Eckart-Young): A = Sigma^(1/2) U^T S_q^-1, B = Sigma^(1/2) V S_k^-1.
+A ridge of 1e-4 of the mean eigenvalue keeps S invertible where the examples span fewer directions
+than D; with few example tokens the fit follows those tokens, so give representative examples. The
+"mean" fold instead averages the rows, and (mean A)^T (mean B) is not the mean of the products.
+
+It applies where the scores are bilinear in the projections' outputs: the path from each projection
+to the attention core holds layout ops, casts and scalar factors only (no RoPE, no q/k norm), and
+every query head has its own key head (no GQA; with GQA the mean of the queries already gives the
+mean score, since the group shares its key).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+from switchhead.graph.ops import CAST_OPS, LAYOUT_OPS, NOOP_OPS
+from switchhead.graph.provenance import region_between
+
+aten = torch.ops.aten
+_SCALAR_FACTORS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
+RIDGE = 1e-4  # of the mean eigenvalue of X^T X
+
+
+def bilinear_path(projection: torch.fx.Node, operand: torch.fx.Node) -> bool:
+    """Whether `operand` (a core input) is the projection's output moved around and scaled by plain
+    numbers only, so that scores stay bilinear in the projection's rows."""
+    for node in region_between([projection], operand):
+        if node.op != "call_function":
+            return False
+        if node.target in LAYOUT_OPS or node.target in CAST_OPS or node.target in NOOP_OPS:
+            continue
+        if node.target is operator.getitem:
+            continue
+        if node.target in _SCALAR_FACTORS and not isinstance(node.args[1], torch.fx.Node):
+            continue
+        return False
+    return True
+
+
+def augmented(x: torch.Tensor, with_bias: bool) -> torch.Tensor:
+    """x [N, D] -> [N, D+1] with a column of ones when the projection has a bias (fp64)."""
+    x = x.detach().to(torch.float64).reshape(-1, x.shape[-1])
+    return torch.cat([x, torch.ones_like(x[:, :1])], 1) if with_bias else x
+
+
+def _root_and_inverse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, S^-1) of S = (X^T X / N + ridge)^(1/2), symmetric."""
+    cov = x.T @ x / x.shape[0]
+    cov = cov + RIDGE * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(cov.shape[0], dtype=cov.dtype)
+    eigval, eigvec = torch.linalg.eigh(cov)
+    root = eigval.clamp_min(0).sqrt()
+    return (eigvec * root) @ eigvec.T, (eigvec / root) @ eigvec.T
+
+
+def fit_group(queries: list[torch.Tensor], keys: list[torch.Tensor], xq: torch.Tensor,
+              xk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One head's rows (A [dh, Dq], B [dh, Dk]) whose scores best match the mean of the group's
+    heads' scores (queries[i] [dh, Dq], keys[i] [dh, Dk]) on the tokens xq [N, Dq], xk [N, Dk]; fp64."""
+    dh = queries[0].shape[0]
+    mean = torch.stack([a.T.to(torch.float64) @ b.to(torch.float64) for a, b in zip(queries, keys)]).mean(0)
+    sq, sq_inv = _root_and_inverse(xq)
+    sk, sk_inv = _root_and_inverse(xk)
+    u, sigma, vh = torch.linalg.svd(sq @ mean @ sk)
+    scale = sigma[:dh].sqrt()[:, None]
+    return scale * (u[:, :dh].T @ sq_inv), scale * (vh[:dh] @ sk_inv)
+
+
+def score_error(a: torch.Tensor, b: torch.Tensor, queries: list[torch.Tensor], keys: list[torch.Tensor],
+                xq: torch.Tensor, xk: torch.Tensor) -> float:
+    """|| scores of (a, b) - mean scores of the group ||_F / || mean scores ||_F on the tokens."""
+    mean = torch.stack([a_.T.to(torch.float64) @ b_.to(torch.float64) for a_, b_ in zip(queries, keys)]).mean(0)
+    target = xq @ mean @ xk.T
+    return float((xq @ (a.T.to(torch.float64) @ b.to(torch.float64)) @ xk.T - target).norm() / target.norm())
