@@ -18,8 +18,11 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import datetime
+import importlib.metadata
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from typing import Any
 import torch
 
 import switchhead
+from benchmarks.common import write_section
 from benchmarks.e2e import models as em
 
 MODELS = {
@@ -45,6 +49,7 @@ CATEGORIES = (
     ("Inductor pointwise", re.compile(r"^triton_poi_")),
     ("copy / fill / other", re.compile(r".")),
 )
+SECTION = "Training-step profile (262M pair, H200)"
 ANNOTATION = re.compile(r"^## |#")
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm", "aten::linear")
 
@@ -105,7 +110,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cuda = device.type == "cuda"
     cfg = MODELS[args.model][0]
     models = build(args.model, device)
-    out: dict[str, Any] = {"model": args.model, "tokens": args.tokens, "rows": []}
+    out: dict[str, Any] = {"model": args.model, "tokens": args.tokens, "rows": [], "meta": {
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+        "triton": _version("triton"), "date": datetime.date.today().isoformat(),
+        "command": "python -m benchmarks.bench_profile " + " ".join(args.argv)}}
     for side, lm in models.items():
         wrapper = torch.compile(em.WithLoss(lm), disable=not cuda)
         params = [p for p in lm.parameters() if p.requires_grad]
@@ -173,6 +181,60 @@ def table(result: dict[str, Any], top: int = 12) -> str:
     return "\n".join(lines)
 
 
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def section(result: dict[str, Any], source: str, top: int = 8) -> str:
+    """The BENCHMARKS.md section: the category table at every length, SwitchHead against dense, and
+    the kernels and matrix products only the SwitchHead step runs (what the rewrite adds)."""
+    meta = result.get("meta", {})
+    lengths = sorted({r["seq_len"] for r in result["rows"]})
+    by = {(r["side"], r["seq_len"]): {k: v for k, v in r["kernels"].items() if not ANNOTATION.search(k)}
+          for r in result["rows"]}
+    gemms = {(r["side"], r["seq_len"]): r["gemms"] for r in result["rows"]}
+    layers = MODELS[result["model"]][0].layers
+    lines = [
+        "Issue 16's question: where does the SwitchHead training step spend the time that dense does not? "
+        f"GPU kernel time per step (ms), torch.profiler over a few steps after warm-up, both sides compiled "
+        f"(default mode, batch and length dynamic), bf16 autocast, {result['tokens']} tokens per step.",
+        f"Device: {meta.get('device', 'not recorded')}; torch {meta.get('torch', '?')}, triton "
+        f"{meta.get('triton', '?')}; {meta.get('date', '')}. Raw: `{source}`.", "",
+        f"    {meta.get('command', 'python -m benchmarks.bench_profile --out OUT')}",
+        f"    python -m benchmarks.bench_profile --from-json {source} --write BENCHMARKS.md", "",
+        "| category | " + " | ".join(f"T={t} dense | T={t} SH | SH - dense" for t in lengths) + " |",
+        "|---|" + "---|---|---|" * len(lengths)]
+    cats = {key: categories(kernels) for key, kernels in by.items()}
+    for name in [c for c, _ in CATEGORIES] + ["all kernels"]:
+        cells = []
+        for t in lengths:
+            a, b = (sum(cats[(side, t)].values()) if name == "all kernels" else cats[(side, t)].get(name, 0.0)
+                    for side in ("dense", "switchhead"))
+            ratio = f" ({b / a:.2f}x)" if name == "all kernels" and a else ""
+            cells.append(f"{a / 1e3:.3f} | {b / 1e3:.3f} | {(b - a) / 1e3:+.3f}{ratio}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    t = lengths[0]
+    # Inductor numbers its kernels per graph (gelu_view_6 here, gelu_view_18 there): compare without it;
+    # the attention core is replaced, not added
+    stem = {re.sub(r"_\d+$", "", k) for k in by[("dense", t)]}
+    added = {k: v for k, v in by[("switchhead", t)].items()
+             if re.sub(r"_\d+$", "", k) not in stem and category(k) != "attention core"}
+    lines += ["", f"Kernels only the SwitchHead step runs at T={t} (ms per step, us per layer of {layers}; by "
+              "their names and sizes: the fp32 router GEMMs, the expert weight gradients, the gate gradients' "
+              "reductions):", ""]
+    lines += [f"    {us / 1e3:7.3f} ms {us / layers:7.1f} us  {name[:100]}"
+              for name, us in sorted(added.items(), key=lambda kv: -kv[1])[:top]]
+    dense_shapes = {g["shapes"] for g in gemms[("dense", t)]}
+    lines += ["", f"Matrix products only the SwitchHead step runs at T={t} (ms per step, calls per step, input shapes):",
+              ""]
+    lines += [f"    {g['us'] / 1e3:7.3f} ms {g['calls']:5.0f}  {g['op']} {g['shapes']}"
+              for g in gemms[("switchhead", t)] if g["shapes"] not in dense_shapes][:top]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("profile_out"))
@@ -183,10 +245,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--from-json", type=Path, help="no run: the tables of an earlier profile.json")
+    ap.add_argument("--write", type=Path, help=f"replace the '## {SECTION}' section of this markdown file")
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.from_json:
         result = json.loads(args.from_json.read_text())
         print(table(result))
+        if args.write:
+            write_section(args.write, SECTION, section(result, str(args.from_json)))
         return result
     args.model = "tiny" if args.tiny else "262M"
     args.seq_lens = args.seq_lens or ([16, 8] if args.tiny else [512, 2048])
@@ -196,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args.out / "profile.json").write_text(json.dumps(result, indent=1))
     text = table(result)
     (args.out / "profile.md").write_text(text + "\n")
+    if args.write:
+        write_section(args.write, SECTION, section(result, str(args.out / "profile.json")))
     print(text)
     return result
 

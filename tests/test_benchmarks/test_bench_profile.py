@@ -19,8 +19,13 @@ def test_tiny_cpu_run_profiles_both_sides_at_each_length(tmp_path):
     assert json.loads((tmp_path / "profile.json").read_text())["rows"][0]["side"] == "dense"
     text = (tmp_path / "profile.md").read_text()
     assert "| all kernels |" in text and "T=8" in text and "T=16" in text
-    again = bench.main(["--from-json", str(tmp_path / "profile.json")])
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\n## Kernels\n\nkept\n")
+    again = bench.main(["--from-json", str(tmp_path / "profile.json"), "--write", str(doc)])
     assert again["rows"] == json.loads((tmp_path / "profile.json").read_text())["rows"]
+    written = doc.read_text()
+    assert "kept" in written and f"## {bench.SECTION}" in written and "| all kernels |" in written
+    assert again["meta"]["device"] == "cpu" and "--tiny" in again["meta"]["command"]
 
 
 def test_kernel_names_fall_into_their_categories():
