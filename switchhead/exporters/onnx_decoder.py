@@ -21,6 +21,7 @@ import torch.fx
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
+from switchhead.cache import CacheLayout
 from switchhead.decoder import CachedLM
 from switchhead.exporters.onnx import OnnxExport, export_onnx
 from switchhead.generate import generate_with
@@ -95,12 +96,13 @@ def onnx_generate(path: str | os.PathLike, input_ids: torch.Tensor, attention_ma
     session = ort.InferenceSession(str(Path(path)), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     past = [i for i in session.get_inputs() if i.name.startswith("past_key_values")]
-    layout = [(i.shape[1], i.shape[3]) for i in past]
-    if not past or not all(isinstance(d, int) for shape in layout for d in shape):
+    shapes = tuple((i.shape[1], i.shape[3]) for i in past)
+    if not past or not all(isinstance(d, int) for shape in shapes for d in shape):
         raise ValueError(f"{path} is not a decoder-with-past file of export_decoder_onnx")
+    layout = CacheLayout(shapes)  # fp32 on the CPU, as onnxruntime's CPU session takes it
 
     def allocate(batch: int, length: int, device: Any) -> list[torch.Tensor]:
-        return [torch.zeros(batch, h, length, d) for h, d in layout]
+        return layout.allocate(batch, length)
 
     def step(ids, mask, positions, cache_position, cache: Sequence[torch.Tensor]) -> torch.Tensor:
         values = [ids, mask, positions, cache_position, *cache]

@@ -66,12 +66,17 @@ def _root_and_inverse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (eigvec * root) @ eigvec.T, (eigvec / root) @ eigvec.T
 
 
+def mean_form(queries: list[torch.Tensor], keys: list[torch.Tensor]) -> torch.Tensor:
+    """M = mean_i A_i^T B_i [Dq, Dk]: the group's mean score as a bilinear form (fp64)."""
+    return torch.stack([a.T.to(torch.float64) @ b.to(torch.float64) for a, b in zip(queries, keys)]).mean(0)
+
+
 def fit_group(queries: list[torch.Tensor], keys: list[torch.Tensor], xq: torch.Tensor,
               xk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One head's rows (A [dh, Dq], B [dh, Dk]) whose scores best match the mean of the group's
     heads' scores (queries[i] [dh, Dq], keys[i] [dh, Dk]) on the tokens xq [N, Dq], xk [N, Dk]; fp64."""
     dh = queries[0].shape[0]
-    mean = torch.stack([a.T.to(torch.float64) @ b.to(torch.float64) for a, b in zip(queries, keys)]).mean(0)
+    mean = mean_form(queries, keys)
     sq, sq_inv = _root_and_inverse(xq)
     sk, sk_inv = _root_and_inverse(xk)
     u, sigma, vh = torch.linalg.svd(sq @ mean @ sk)
@@ -82,6 +87,5 @@ def fit_group(queries: list[torch.Tensor], keys: list[torch.Tensor], xq: torch.T
 def score_error(a: torch.Tensor, b: torch.Tensor, queries: list[torch.Tensor], keys: list[torch.Tensor],
                 xq: torch.Tensor, xk: torch.Tensor) -> float:
     """|| scores of (a, b) - mean scores of the group ||_F / || mean scores ||_F on the tokens."""
-    mean = torch.stack([a_.T.to(torch.float64) @ b_.to(torch.float64) for a_, b_ in zip(queries, keys)]).mean(0)
-    target = xq @ mean @ xk.T
+    target = xq @ mean_form(queries, keys) @ xk.T
     return float((xq @ (a.T.to(torch.float64) @ b.to(torch.float64)) @ xk.T - target).norm() / target.norm())
