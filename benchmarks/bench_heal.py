@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 import switchhead
-from switchhead.config import FOLD_QK
+from switchhead.config import FOLD_GROUPS, FOLD_QK, FOLD_ROUTER, FOLD_VO
 from switchhead.healing import HealConfig, PackedTokens, Sentences, evaluate, heal, text_lines
 from switchhead.healing.data import find_text_files, split_files, tokenize_files
 from benchmarks.heal.data import python_sentences, stdlib_files
@@ -142,18 +142,23 @@ def first_site(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def run_method(method: str, teacher, example: dict[str, torch.Tensor], train, held, cfg: HealConfig, heads: int,
-               top_k: int = 2, fold_qk: str = "mean", calibration: dict[str, torch.Tensor] | None = None,
+               top_k: int = 2, fold_options: dict[str, str] | None = None,
+               calibration: dict[str, torch.Tensor] | None = None,
                extra_eval: dict[str, Any] | None = None) -> tuple[dict[str, Any], torch.nn.Module]:
     """One method (METHODS): fold and heal, or prune (first head per group; best head by head_scores
     on `calibration`; best heads at the fold's attention MACs) and heal the same way."""
     start = time.perf_counter()
     kept_heads = heads
     if method == "fold":
-        # fold_qk="fit" fits Q/K on the activations of the inputs convert sees: the calibration batch
-        # of training sentences, not the two short held-out ones
-        example = calibration if fold_qk == "fit" and calibration is not None else example
+        # fold_qk="fit", fold_groups="similar", fold_router="contribution" and fold_vo="fit" fit on the
+        # activations of the inputs convert sees: the calibration batch of training sentences, not the two short
+        # held-out ones
+        options = fold_options or {}
+        data_driven = (options.get("fold_qk") == "fit" or options.get("fold_groups") == "similar"
+                       or options.get("fold_router") == "contribution" or options.get("fold_vo") == "fit")
+        example = calibration if data_driven and calibration is not None else example
         student = switchhead.convert(teacher, (), example, config=switchhead.SwitchHeadConfig(
-            init="fold", num_heads=heads, top_k=top_k, fold_qk=fold_qk))
+            init="fold", num_heads=heads, top_k=top_k, **options))
         costs = switchhead.report_of(student).cost_table(cfg.seq_len)
     elif method == "prune":
         student, costs = prune_heads(teacher, heads), None
@@ -291,6 +296,11 @@ def main() -> None:
                         help="change a recipe entry, e.g. minilm.lr=2e-3 (see PRESETS)")
     parser.add_argument("--top-k", type=int, default=2, help="experts active per head (fold)")
     parser.add_argument("--fold-qk", choices=FOLD_QK, default="mean")
+    parser.add_argument("--fold-router", choices=FOLD_ROUTER, default="random")
+    parser.add_argument("--fold-groups", choices=FOLD_GROUPS, default="consecutive")
+    parser.add_argument("--fold-vo", choices=FOLD_VO, default="copy")
+    parser.add_argument("--calibration", type=int, default=32, metavar="N",
+                        help="training sentences of the calibration batch (head scores, data-driven folds)")
     parser.add_argument("--max-train-tokens", type=int, default=50_000_000)
     parser.add_argument("--max-files", type=int, default=0, help="use only this many stdlib files (quick tests)")
     parser.add_argument("--convert-len", type=int, default=16, help="sequence length of the inputs convert() captures")
@@ -356,14 +366,17 @@ def main() -> None:
             convert_s = 60.0 if model == "smollm2" else 10.0
             budget = max(min(budget, (clock.left() - reserve - convert_s) / len(methods)), 30.0)
         students: dict[str, torch.nn.Module] = {}
-        calibration = train.batch(list(range(min(len(train), 32))))[1]  # prune_best / prune_macs score heads on it
+        # prune_best / prune_macs score heads on it; the data-driven fold options fit on it
+        calibration = train.batch(list(range(min(len(train), args.calibration))))[1]
         extra_eval = {path: eval_text_data(model, path, preset, tokenizer) for path in args.eval_text}
         for i, method in enumerate(methods):
             own = budget if clock.deadline is None else max(min(budget, (clock.left() - reserve) / (len(methods) - i)), 30.0)
             cfg = heal_config(preset, args, own, compile_on)
             print(f"[{method}] {setup.name}: budget {own:.0f} s (run at {clock.elapsed():.0f} s)", flush=True)
             record, student = run_method(method, teacher, example, train, held, cfg, setup.heads, args.top_k,
-                                         args.fold_qk, calibration, extra_eval)
+                                         {"fold_qk": args.fold_qk, "fold_router": args.fold_router,
+                                          "fold_groups": args.fold_groups, "fold_vo": args.fold_vo},
+                                         calibration, extra_eval)
             record["config"] = cfg.to_dict()
             record["planned_budget_s"] = budget
             doc["results"].append(record)

@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 from switchhead.api import FilterFn, convert
 from switchhead.cache import CacheLayout, cached_form, prompt_inputs
 from switchhead.config import SwitchHeadConfig
-from switchhead.errors import CaptureError, SwitchHeadError
+from switchhead.errors import CaptureError, ConfigMismatchError, SwitchHeadError
 from switchhead.generate import generate_with
 from switchhead.inputs import example_inputs
 
@@ -88,6 +88,11 @@ def convert_decoder(model: torch.nn.Module, config: SwitchHeadConfig | None = No
     switchhead.cache) into SwitchHead attention for generation: returns a CachedLM whose prefill and
     decode graphs are each converted (and, with init="upcycle", verified) like `convert`'s result."""
     config = config or SwitchHeadConfig()
+    if config.fold_groups != "consecutive":
+        # the prefill and decode graphs are folded from different example inputs and share one set
+        # of weights: data-dependent groups could differ between them
+        raise ConfigMismatchError(f"convert_decoder needs fold_groups='consecutive' (got {config.fold_groups!r}): its "
+                                  "prefill and decode graphs must fold the same heads together")
     form, layout, prefill_args, decode_args = cached_examples(model)
     count = len(layout.shapes)
     prefill = convert(form, prefill_args, config=config, filter_fn=filter_fn,

@@ -167,3 +167,11 @@ def test_folded_decoders_generate_over_a_smaller_cache(name, options, round_trip
 
         loaded = load(save(folded, tmp_path / "out"))
         assert loaded.layout == folded.layout and torch.equal(loaded.generate(ids, mask, max_new_tokens=12), tokens)
+
+
+def test_groups_that_depend_on_the_example_prompts_are_refused():
+    # prefill and decode are folded from different example inputs and share one set of weights
+    from switchhead.errors import ConfigMismatchError
+    with pytest.raises(ConfigMismatchError, match="convert_decoder needs fold_groups='consecutive'"):
+        convert_decoder(CACHED_BY_NAME["hf_llama"].build(),
+                        switchhead.SwitchHeadConfig(init="fold", num_heads=2, fold_groups="similar"))

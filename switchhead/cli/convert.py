@@ -26,7 +26,8 @@ from switchhead.cli.common import PROG, SAVE_PARTS, CliError, Command, ExitCode,
 from switchhead.cli.generate import generate_main
 from switchhead.cli.heal import check_heal_options, heal_converted, heal_options
 from switchhead.cli.render import print_costs, print_site_tables, print_summary
-from switchhead.config import DEFAULT_NUM_EXPERTS, FOLD_QK, INIT_METHODS, ConfigError, SwitchHeadConfig
+from switchhead.config import (DEFAULT_NUM_EXPERTS, FOLD_GROUPS, FOLD_QK, FOLD_ROUTER, FOLD_VO, INIT_METHODS, ConfigError,
+                               SwitchHeadConfig)
 from switchhead.inputs import accept_missing_mask
 from switchhead.io import SaveError, holds_same_model, output_state, save
 from switchhead.model_file import load_model_file, load_tokenizer, user_frame
@@ -87,6 +88,15 @@ class ConvertCommand(Command):
 @click.option("--fold-qk", type=click.Choice(FOLD_QK), default=DEFAULTS.fold_qk, show_default=True,
               help="How a folded group's Q/K heads become one: their mean, the first head, or fitted to "
                    "the group's mean scores on the example inputs (fit).")
+@click.option("--fold-groups", type=click.Choice(FOLD_GROUPS), default=DEFAULTS.fold_groups, show_default=True,
+              help="Which heads fold together: consecutive ones, or those whose scores on the example inputs "
+                   "agree (similar).")
+@click.option("--fold-router", type=click.Choice(FOLD_ROUTER), default=DEFAULTS.fold_router, show_default=True,
+              help="Folded routers: tiny random ones, or fitted so each token picks the heads that contributed "
+                   "most to it on the example inputs (contribution).")
+@click.option("--fold-vo", type=click.Choice(FOLD_VO), default=DEFAULTS.fold_vo, show_default=True,
+              help="Folded V/O experts: copies of the group's heads, or with the O experts then fitted to the "
+                   "dense attention's output on the example inputs (fit).")
 @click.option("--seq-len", type=int, default=2048, show_default=True,
               help="Sequence length of the before/after cost table (MACs per token, activation memory).")
 @click.option("--filter", "module_filter", metavar="REGEX", help="Only rewrite attention whose module path matches (re.search).")
@@ -112,7 +122,8 @@ class ConvertCommand(Command):
 @heal_options
 @click.pass_context
 def main(ctx: click.Context, model_file: Path, experts: int | None, top_k: int, init: str, heads: int | None,
-         head_dim: int | None, fold_qk: str, seq_len: int, module_filter: str | None, output: Path, onnx_path: Path | None,
+         head_dim: int | None, fold_qk: str, fold_groups: str, fold_router: str, fold_vo: str, seq_len: int,
+         module_filter: str | None, output: Path, onnx_path: Path | None,
          onnx_inline: bool, kv_cache: bool, dry_run: bool, report_json: Path | None,
          quiet: bool, as_json: bool, seed: int, force: bool, entry: str | None, inputs_name: str | None,
          show_traceback: bool, **heal_params: Any) -> int:
@@ -130,7 +141,8 @@ def main(ctx: click.Context, model_file: Path, experts: int | None, top_k: int, 
             for name in ("output", "force", "onnx_path"):
                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
                     raise CliError(f"--{name} has no effect with --dry-run", ExitCode.USAGE)
-        config = _config(experts, top_k, init, heads, head_dim, fold_qk, module_filter, seed)
+        config = _config(experts, top_k, init, heads, head_dim, module_filter, seed,
+                         {"fold_qk": fold_qk, "fold_groups": fold_groups, "fold_router": fold_router, "fold_vo": fold_vo})
         if seq_len < 1:
             raise CliError(f"--seq-len must be at least 1, got {seq_len}", ExitCode.USAGE)
         heal = check_heal_options(ctx, heal_params, dry_run, lambda message: CliError(message, ExitCode.USAGE))
@@ -160,13 +172,13 @@ def main(ctx: click.Context, model_file: Path, experts: int | None, top_k: int, 
         return error.code
 
 
-def _config(experts: int | None, top_k: int, init: str, heads: int | None, head_dim: int | None, fold_qk: str,
-            module_filter: str | None, seed: int) -> SwitchHeadConfig:
+def _config(experts: int | None, top_k: int, init: str, heads: int | None, head_dim: int | None,
+            module_filter: str | None, seed: int, fold: dict[str, str]) -> SwitchHeadConfig:
     """The config of the options; SwitchHeadConfig checks them and says what is wrong in the
     options' terms."""
     try:
         return SwitchHeadConfig(num_experts=experts, top_k=top_k, init=init, num_heads=heads, head_dim=head_dim,
-                                fold_qk=fold_qk, module_filter=module_filter, seed=seed)
+                                module_filter=module_filter, seed=seed, **fold)
     except ConfigError as exc:
         raise CliError(exc.option_message, ExitCode.USAGE) from None
 

@@ -14,6 +14,15 @@ A ridge of 1e-4 of the mean eigenvalue keeps S invertible where the examples spa
 than D; with few example tokens the fit follows those tokens, so give representative examples. The
 "mean" fold instead averages the rows, and (mean A)^T (mean B) is not the mean of the products.
 
+Grouping by scores (fold_groups="similar"): the folded head computes one attention pattern for all of
+its group's V/O experts, so heads whose scores on the examples agree lose least. With
+X_i = S_q A_i^T B_i S_k (head i's scores in the whitened example space, || X_i ||_F = its scores'
+norm on the tokens), the loss of a group g against its mean score is
+sum_{i in g} || X_i - mean_g X ||^2 = sum_i K_ii - (1/G) sum_{i, j in g} K_ij, with the Gram matrix
+K_ij = <X_i, X_j> = sum((P_i^T P_j) * (Q_i^T Q_j)), P_i = S_q A_i^T, Q_i = S_k B_i^T (cheap: dh x dh
+blocks). Groups of equal size maximising sum_g sum_{i, j in g} K_ij are found by swapping heads
+between groups from the consecutive grouping until no swap helps (a local optimum).
+
 It applies where the scores are bilinear in the projections' outputs: the path from each projection
 to the attention core holds layout ops, casts and scalar factors only (no RoPE, no q/k norm), and
 every query head has its own key head (no GQA; with GQA the mean of the queries already gives the
@@ -82,6 +91,51 @@ def fit_group(queries: list[torch.Tensor], keys: list[torch.Tensor], xq: torch.T
     u, sigma, vh = torch.linalg.svd(sq @ mean @ sk)
     scale = sigma[:dh].sqrt()[:, None]
     return scale * (u[:, :dh].T @ sq_inv), scale * (vh[:dh] @ sk_inv)
+
+
+def fittable(site, head_columns: list) -> bool:
+    """Scores bilinear in the Q/K projections' rows (`head_columns`: the fold plan's (projection,
+    columns) of Q and K), every query head with its own key head."""
+    if len(head_columns) != 2:  # GQA: the mean of the queries is already the mean score
+        return False
+    query, key = site.core_operands[:2]
+    return all(bilinear_path(proj, anchor) for (proj, _), anchor in zip(head_columns, (query, key)))
+
+
+def score_gram(queries: list[torch.Tensor], keys: list[torch.Tensor], xq: torch.Tensor,
+               xk: torch.Tensor) -> torch.Tensor:
+    """K [H, H]: inner products of the heads' scores on the tokens (queries[i] [dh, Dq], keys[i]
+    [dh, Dk]; xq [N, Dq], xk [N, Dk]); fp64."""
+    sq, _ = _root_and_inverse(xq)
+    sk, _ = _root_and_inverse(xk)
+    p = torch.stack([sq @ a.T.to(torch.float64) for a in queries])  # [H, Dq, dh]
+    q = torch.stack([sk @ b.T.to(torch.float64) for b in keys])  # [H, Dk, dh]
+    return (torch.einsum("iab,jac->ijbc", p, p) * torch.einsum("idb,jdc->ijbc", q, q)).sum((-1, -2))
+
+
+def similar_groups(gram: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """Groups of the same sizes as `members` [H2, G] (the starting grouping) whose within-group sums
+    of `gram` [H, H] are a local maximum under swapping two heads of different groups; each row
+    sorted, rows by their first head."""
+    groups = [list(map(int, row)) for row in members]
+
+    def within(group: list[int]) -> float:
+        return float(gram[group][:, group].sum())
+
+    improved = True
+    while improved:
+        improved = False
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                for i in range(len(groups[a])):
+                    for j in range(len(groups[b])):
+                        old = within(groups[a]) + within(groups[b])
+                        new_a = groups[a][:i] + [groups[b][j]] + groups[a][i + 1:]
+                        new_b = groups[b][:j] + [groups[a][i]] + groups[b][j + 1:]
+                        if within(new_a) + within(new_b) > old + 1e-9 * abs(old) + 1e-12:
+                            groups[a], groups[b], improved = new_a, new_b, True
+    out = torch.tensor([sorted(g) for g in groups], dtype=members.dtype)
+    return out[out[:, 0].argsort()]
 
 
 def score_error(a: torch.Tensor, b: torch.Tensor, queries: list[torch.Tensor], keys: list[torch.Tensor],

@@ -23,7 +23,11 @@ Folding rules (documented for users)
     group's head e; with E > G, expert e copies head e mod G times (1 + fold_noise * N(0, 1)).
     V experts are scaled by 2/k and O experts by 2G/k, so with routers at sigmoid(0) = 1/2 the k
     active V experts average and the O experts add up like the dense group's heads did. Routers
-    start tiny and random as with upcycling. With GQA the V experts are copies of their KV head.
+    start tiny and random as with upcycling, or (fold_router="contribution") fitted so that each
+    token's top-k experts are its group's heads that contributed most to it (fold_route.py). With
+    GQA the V experts are copies of their KV head. Heads are grouped consecutively, or
+    (fold_groups="similar") by how alike their scores are on the example activations (fold_plan.py,
+    fold_fit.py). The later fit_experts pass can refit the O experts (fold_vo="fit").
     H2 = H and E = 1 reproduces the dense model exactly; any real fold is lossy and needs healing.
 
 New head size (init="random" with head_dim, `resize.py`)
@@ -46,7 +50,7 @@ from switchhead.graph.cache_writes import whole_view_base
 from switchhead.graph.ops import CACHE_WRITE_OPS, linear_parts
 from switchhead.graph.provenance import describe
 from switchhead.graph.surgery import erase_unused, linear_weight, module_at, register, rms
-from switchhead.passes import fold_fit
+from switchhead.passes import fold_fit, fold_route
 from switchhead.passes.fold_edits import fold_external_operands, head_size_operands, size_edit
 from switchhead.passes.fold_plan import FoldPlan, plan_fold
 from switchhead.passes.plan import FoldError, PassResult, PassState, SitePlan
@@ -67,7 +71,7 @@ def fold_heads(gm: torch.fx.GraphModule, state: PassState) -> PassResult:
     folds = []
     for site in sites:
         try:
-            folds.append(plan_fold(values, site, config.num_heads or site.num_heads, config.head_dim))
+            folds.append(plan_fold(values, site, config.num_heads or site.num_heads, config.head_dim, config.fold_groups))
         except FoldError as exc:
             raise _mismatch(site, exc, config) from None
     counters = {"folded_sites": 0, "resized_sites": 0, "edited_ops": 0, "head_size_operands": 0}
@@ -133,7 +137,7 @@ def apply_fold(gm: torch.fx.GraphModule, values: dict, plan: FoldPlan, config: S
         projection_weights = _random_projections(gm, values, plan, generator)
     else:
         projection_weights = _fold_projections(gm, values, plan, config, counters)
-    return _expert_plan(values, plan, projection_weights, config, generator, init_scale)
+    return _expert_plan(values, plan, projection_weights, config, generator, init_scale, counters)
 
 def _fold_projections(gm, values, plan: FoldPlan, config, counters: dict[str, int]) -> dict[torch.fx.Node, tuple]:
     """New (weight [F2, d], bias) of each projection, keeping surviving columns: Q (and K without
@@ -154,7 +158,7 @@ def _fold_projections(gm, values, plan: FoldPlan, config, counters: dict[str, in
                 weight[target] = source_w[pick].mean(0)
                 if bias is not None:
                     bias[target] = source_b[pick].mean(0)
-        if config.fold_qk == "fit" and _fittable(plan):
+        if config.fold_qk == "fit" and fold_fit.fittable(plan.site, plan.head_columns):
             _fit_qk(values, plan, folded)
             counters["fitted_qk_sites"] = counters.get("fitted_qk_sites", 0) + 1
     results = {}
@@ -164,14 +168,6 @@ def _fold_projections(gm, values, plan: FoldPlan, config, counters: dict[str, in
         if proj is not site.value_node and not (bool(keep.all()) and all(proj is not p for p, _ in plan.head_columns)):
             _set_projection(gm, proj, weight[keep], None if bias is None else bias[keep], site.path)
     return results
-
-def _fittable(plan: FoldPlan) -> bool:
-    """Scores bilinear in the Q/K projections' rows, every query head with its own key head."""
-    if len(plan.head_columns) != 2:  # GQA: the mean of the queries is already the mean score
-        return False
-    query, key = plan.site.core_operands[:2]
-    return all(fold_fit.bilinear_path(proj, anchor) for (proj, _), anchor in zip(plan.head_columns, (query, key)))
-
 
 def _fit_qk(values, plan: FoldPlan, folded: dict[torch.fx.Node, list]) -> None:
     """Each new head's Q and K rows fitted to its group's mean scores on the example activations."""
@@ -212,6 +208,29 @@ def _random_projections(gm, values, plan: FoldPlan, generator) -> dict[torch.fx.
             _set_projection(gm, proj, new_weight, new_bias, site.path, role)
     return results
 
+def _route_by_contribution(values, site: AttentionSite, weights: expert_init.ExpertWeights, o_cols: torch.Tensor,
+                           output_heads: torch.Tensor, value_heads: torch.Tensor | None,
+                           value_bias: torch.Tensor | None, counters: dict[str, int]) -> None:
+    """Replace the tiny random routers by ones fitted to the dense heads' contributions on the example
+    tokens (fold_route.py); the V router only where its experts differ (not GQA). Counted in
+    `contribution_routers`."""
+    o_input = linear_parts(site.output_node)[0]
+    z, xq = values[o_input], values[site.query_input]
+    z, xq = z.reshape(-1, z.shape[-1]), xq.reshape(-1, xq.shape[-1])  # [N, F], [N, d_q]
+    fitted = 0
+    if z.shape[0] == xq.shape[0]:  # one query token per row of the O projection's input
+        contributions = fold_route.output_contributions(z, o_cols, output_heads)
+        weights.o_router = fold_route.fitted_router(xq, contributions).to(weights.o_router.device)
+        fitted += 1
+    if value_heads is not None:
+        xv = values[linear_parts(site.value_node)[0]]
+        xv = xv.reshape(-1, xv.shape[-1])
+        contributions = fold_route.value_contributions(xv, value_heads, value_bias, output_heads)
+        weights.v_router = fold_route.fitted_router(xv, contributions).to(weights.v_router.device)
+        fitted += 1
+    counters["contribution_routers"] = counters.get("contribution_routers", 0) + fitted
+
+
 def _resized_columns(plan: FoldPlan, values, node: torch.fx.Node, columns: torch.Tensor) -> torch.Tensor:
     """[n, dh2] columns of the new tensor `node` (last dim) holding the heads whose old columns
     are `columns` [n, dh]; each head's columns must be contiguous and in order."""
@@ -237,7 +256,8 @@ def _set_projection(gm, proj, weight, bias, path, name: str = "folded") -> None:
             proj.replace_input_with(bias_node, graph.get_attr(register(owner, path, f"{name}_bias", bias)))
     erase_unused(gm, [old for old in (weight_node, bias_node) if isinstance(old, torch.fx.Node)])
 
-def _expert_plan(values, plan: FoldPlan, projection_weights, config, generator, init_scale) -> SitePlan:
+def _expert_plan(values, plan: FoldPlan, projection_weights, config, generator, init_scale,
+                 counters: dict[str, int]) -> SitePlan:
     site, members = plan.site, plan.members
     new_heads, group = members.shape
     gqa = site.num_kv_heads < site.num_heads
@@ -275,9 +295,13 @@ def _expert_plan(values, plan: FoldPlan, projection_weights, config, generator, 
             value_bias = v_bias[cols] if v_bias is not None else None
         o_cols = site.output_columns[members[:, expert_of]]  # [H2, E, dh]
         v_input = linear_parts(site.value_node)[0]
+        output_heads = o_weight[:, o_cols].permute(1, 2, 3, 0)  # [H2, E, dh, d_out]
         weights = expert_init.fold(
-            value_heads, value_bias, o_weight[:, o_cols].permute(1, 2, 3, 0),  # [H2, E, dh, d_out]
+            value_heads, value_bias, output_heads,
             group, gqa, site.query_dim, config.top_k, config.fold_noise, rms(values[v_input]),
             rms(values[site.query_input]), config.upcycle_router_scale, generator,
         )
+        if config.fold_router == "contribution" and config.top_k < num_experts:
+            _route_by_contribution(values, site, weights, o_cols, output_heads, None if gqa else value_heads,
+                                   value_bias, counters)
     return SitePlan(new_heads, len(kv_heads), value_columns, v_kept, v_weight, v_bias, output_columns, weights)

@@ -20,6 +20,8 @@ import torch.fx
 
 from switchhead.graph.ops import MATMUL_OPS, linear_parts
 from switchhead.graph.provenance import ProvenanceError, ancestors, region_between, replay, replay_or_raise, rerun
+from switchhead.graph.surgery import linear_weight
+from switchhead.passes import fold_fit
 from switchhead.passes.plan import FoldError
 from switchhead.passes.resize import MaskSizes, ScaledSizes, probe_positions
 from switchhead.site import AttentionSite
@@ -75,10 +77,18 @@ def _head_index(shape: torch.Size, heads: int) -> torch.Tensor:
 def _ids(value: torch.Tensor) -> torch.Tensor:
     return torch.arange(value.numel()).view(value.shape)
 
-def plan_fold(values: dict, site: AttentionSite, num_heads: int, head_dim: int | None = None) -> FoldPlan:
+def plan_fold(values: dict, site: AttentionSite, num_heads: int, head_dim: int | None = None,
+              groups: str = "consecutive") -> FoldPlan:
     """Which elements of every tensor between the projections and the O projection survive, and
-    the new sizes of those tensors with `num_heads` heads of `head_dim` (None: unchanged)."""
+    the new sizes of those tensors with `num_heads` heads of `head_dim` (None: unchanged).
+    groups="similar" groups heads whose scores agree on the example activations where the scores
+    are bilinear in the projections (fold_fit.py), consecutive heads elsewhere."""
+    query, key = site.core_operands[:2]
+    roles = [(site.query_node, query)] + ([(site.key_node, key)] if site.num_kv_heads == site.num_heads else [])
+    head_columns = [(proj, _head_columns(values, proj, anchor, site.num_heads)) for proj, anchor in roles]
     members = group_heads(site, num_heads)
+    if groups == "similar" and members.shape[1] > 1 and fold_fit.fittable(site, head_columns):
+        members = fold_fit.similar_groups(_score_gram(values, head_columns), members)
     head_dim = head_dim or site.head_dim
     masks, region = _surviving(values, site, members[:, 0])
     sizes: MaskSizes | ScaledSizes = MaskSizes(masks)
@@ -86,10 +96,18 @@ def plan_fold(values: dict, site: AttentionSite, num_heads: int, head_dim: int |
         probes = [(p, MaskSizes(_surviving(values, site, members[:, 0], positions)[0]))
                   for p, positions in probe_positions(site.head_dim)]
         sizes = ScaledSizes([*probes, (site.head_dim, sizes)], head_dim)
-    query, key = site.core_operands[:2]
-    roles = [(site.query_node, query)] + ([(site.key_node, key)] if site.num_kv_heads == site.num_heads else [])
-    head_columns = [(proj, _head_columns(values, proj, anchor, site.num_heads)) for proj, anchor in roles]
     return FoldPlan(site, members, masks, region, head_columns, sizes, head_dim)
+
+def _score_gram(values, head_columns) -> torch.Tensor:
+    """[H, H] inner products of the dense heads' scores on the example activations."""
+    heads = []
+    for proj, columns in head_columns:  # Q then K, columns [H, dh]
+        weight, bias = linear_weight(values, proj)
+        rows = weight if bias is None else torch.cat([weight, bias[:, None]], 1)
+        heads.append(([rows[c] for c in columns], fold_fit.augmented(values[linear_parts(proj)[0]], bias is not None)))
+    (queries, xq), (keys, xk) = heads
+    return fold_fit.score_gram(queries, keys, xq, xk)
+
 
 def _head_columns(values, proj, anchor, heads) -> torch.Tensor:
     """[H, dh] projection column that mainly feeds each (head, dim) position of a core operand."""

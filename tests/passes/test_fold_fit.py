@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import switchhead
-from switchhead.passes.fold_fit import augmented, fit_group, score_error
+from switchhead.passes.fold_fit import augmented, fit_group, score_error, score_gram, similar_groups
 from zoo import ZOO_BY_NAME
 
 
@@ -63,3 +63,35 @@ def test_fit_falls_back_to_the_mean_under_rope_and_gqa():
     _, new = _fold(case, case.kv_heads)
     counters = switchhead.api.pass_counters(new)["fold_heads"]
     assert counters["folded_sites"] == case.sites and "fitted_qk_sites" not in counters
+
+
+def test_similar_groups_recover_heads_whose_scores_agree():
+    # heads 0/3, 1/4 and 2/5 score alike (the same Q/K rows plus small noise): consecutive groups
+    # {0,1}, {2,3}, {4,5} mix them up, the local search must pair them
+    gen = torch.Generator().manual_seed(3)
+    base_q = [torch.randn(3, 10, generator=gen, dtype=torch.float64) for _ in range(3)]
+    base_k = [torch.randn(3, 10, generator=gen, dtype=torch.float64) for _ in range(3)]
+    queries = [base_q[i % 3] + 0.01 * torch.randn(3, 10, generator=gen, dtype=torch.float64) for i in range(6)]
+    keys = [base_k[i % 3] + 0.01 * torch.randn(3, 10, generator=gen, dtype=torch.float64) for i in range(6)]
+    x = torch.randn(200, 10, generator=gen, dtype=torch.float64)
+    gram = score_gram(queries, keys, x, x)
+    scores = [x @ q.T @ k @ x.T for q, k in zip(queries, keys)]
+    assert torch.allclose(gram[1, 4], (scores[1] * scores[4]).sum() / 200**2, rtol=1e-3)  # S^2 = X^T X / N
+    groups = similar_groups(gram, torch.arange(6).view(3, 2))
+    assert groups.tolist() == [[0, 3], [1, 4], [2, 5]]
+
+
+def test_similar_grouping_folds_heads_with_equal_scores_into_one_exactly():
+    case = ZOO_BY_NAME["hf_bert"]  # 4 heads of 8 -> 2; heads 2 and 3 get the Q/K of heads 0 and 1
+    model = case.build()
+    for layer in model.encoder.layer:
+        for proj in (layer.attention.self.query, layer.attention.self.key):
+            with torch.no_grad():
+                proj.weight[16:32] = proj.weight[0:16]
+                proj.bias[16:32] = proj.bias[0:16]
+    args, kwargs = case.example_inputs()
+    for groups, exact in (("similar", True), ("consecutive", False)):
+        cfg = switchhead.SwitchHeadConfig(init="fold", num_heads=2, fold_qk="mean", fold_groups=groups)
+        new = switchhead.convert(model, args, kwargs, config=cfg)
+        query = dict(new.named_parameters())["encoder.layer.0.attention.folded_weight"]  # Q's rows (K's: _1)
+        assert torch.equal(query.detach(), model.encoder.layer[0].attention.self.query.weight.detach()[:16]) == exact, groups
