@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 import switchhead
-from switchhead.config import FOLD_GROUPS, FOLD_QK, FOLD_ROUTER, FOLD_VO
+from switchhead.config import FOLD_GROUPS, FOLD_QK, FOLD_ROUTER
 from switchhead.healing import HealConfig, PackedTokens, Sentences, evaluate, heal, text_lines
 from switchhead.healing.data import find_text_files, split_files, tokenize_files
 from benchmarks.heal.data import python_sentences, stdlib_files
@@ -150,12 +150,12 @@ def run_method(method: str, teacher, example: dict[str, torch.Tensor], train, he
     start = time.perf_counter()
     kept_heads = heads
     if method == "fold":
-        # fold_qk="fit", fold_groups="similar", fold_router="contribution" and fold_vo="fit" fit on the
-        # activations of the inputs convert sees: the calibration batch of training sentences, not the two short
+        # fold_qk="fit", fold_groups="similar", fold_router="contribution" fit on the activations
+        # of the inputs convert sees: the calibration batch of training sentences, not the two short
         # held-out ones
         options = fold_options or {}
         data_driven = (options.get("fold_qk") == "fit" or options.get("fold_groups") == "similar"
-                       or options.get("fold_router") == "contribution" or options.get("fold_vo") == "fit")
+                       or options.get("fold_router") == "contribution")
         example = calibration if data_driven and calibration is not None else example
         student = switchhead.convert(teacher, (), example, config=switchhead.SwitchHeadConfig(
             init="fold", num_heads=heads, top_k=top_k, **options))
@@ -298,7 +298,6 @@ def main() -> None:
     parser.add_argument("--fold-qk", choices=FOLD_QK, default="mean")
     parser.add_argument("--fold-router", choices=FOLD_ROUTER, default="random")
     parser.add_argument("--fold-groups", choices=FOLD_GROUPS, default="consecutive")
-    parser.add_argument("--fold-vo", choices=FOLD_VO, default="copy")
     parser.add_argument("--calibration", type=int, default=32, metavar="N",
                         help="training sentences of the calibration batch (head scores, data-driven folds)")
     parser.add_argument("--max-train-tokens", type=int, default=50_000_000)
@@ -375,7 +374,7 @@ def main() -> None:
             print(f"[{method}] {setup.name}: budget {own:.0f} s (run at {clock.elapsed():.0f} s)", flush=True)
             record, student = run_method(method, teacher, example, train, held, cfg, setup.heads, args.top_k,
                                          {"fold_qk": args.fold_qk, "fold_router": args.fold_router,
-                                          "fold_groups": args.fold_groups, "fold_vo": args.fold_vo},
+                                          "fold_groups": args.fold_groups},
                                          calibration, extra_eval)
             record["config"] = cfg.to_dict()
             record["planned_budget_s"] = budget

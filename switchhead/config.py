@@ -15,7 +15,6 @@ INIT_METHODS = ("upcycle", "random", "fold")
 FOLD_QK = ("mean", "first", "fit")
 FOLD_ROUTER = ("random", "contribution")
 FOLD_GROUPS = ("consecutive", "similar")
-FOLD_VO = ("copy", "fit")
 DEFAULT_NUM_EXPERTS = 4
 CONFIG_VERSION = 1
 
@@ -76,12 +75,8 @@ class SwitchHeadConfig:
         fold_router: how a folded head's routers start: "random" (tiny random logits, gates 1/2, as
             with upcycling) or "contribution": fitted on the example inputs' activations so that each
             token's top-k experts are the group's dense heads that contributed most to it (logits of
-            std 1, so the order survives the first optimizer steps; passes/fold_route.py). Give
+            std 0.1, so the order survives the first optimizer steps; passes/fold_route.py). Give
             representative example inputs for "contribution".
-        fold_vo: the folded heads' V/O experts: "copy" of the group's dense heads, or "fit": the
-            copies, then each site's O experts fitted by least squares so that its output matches
-            the dense attention's on the example inputs, site after site on the converted model's
-            own activations (passes/fit_experts.py). Give representative example inputs for "fit".
         fold_noise: relative std of the noise that tells apart experts copied from the same head
             when num_experts exceeds the fold group size.
         module_filter: optional regex; only attention whose module path matches (re.search) is
@@ -109,7 +104,6 @@ class SwitchHeadConfig:
     fold_qk: Literal["mean", "first", "fit"] = "mean"
     fold_groups: Literal["consecutive", "similar"] = "consecutive"
     fold_router: Literal["random", "contribution"] = "random"
-    fold_vo: Literal["copy", "fit"] = "copy"
     fold_noise: float = 1e-2
     module_filter: str | None = None
     init_scale: float | None = None
@@ -162,11 +156,6 @@ class SwitchHeadConfig:
         if self.fold_router not in FOLD_ROUTER:
             raise ConfigError(f"fold_router must be one of {', '.join(FOLD_ROUTER)}, got {self.fold_router!r}",
                               "fold_router")
-        if self.fold_vo not in FOLD_VO:
-            raise ConfigError(f"fold_vo must be one of {', '.join(FOLD_VO)}, got {self.fold_vo!r}", "fold_vo")
-        if self.fold_vo == "fit" and self.init != "fold":
-            raise ConfigError(f"fold_vo='fit' fits folded experts: it needs init='fold', got init={self.init!r}",
-                              "fold_vo", "--fold-vo fit fits folded experts: use it with --init fold")
         if not (math.isfinite(self.fold_noise) and 0 <= self.fold_noise < 1):
             raise ConfigError(f"fold_noise must be in [0, 1), got {self.fold_noise!r}", "fold_noise")
         if self.module_filter is not None:

@@ -26,7 +26,7 @@ from switchhead.cli.common import PROG, SAVE_PARTS, CliError, Command, ExitCode,
 from switchhead.cli.generate import generate_main
 from switchhead.cli.heal import check_heal_options, heal_converted, heal_options
 from switchhead.cli.render import print_costs, print_site_tables, print_summary
-from switchhead.config import (DEFAULT_NUM_EXPERTS, FOLD_GROUPS, FOLD_QK, FOLD_ROUTER, FOLD_VO, INIT_METHODS, ConfigError,
+from switchhead.config import (DEFAULT_NUM_EXPERTS, FOLD_GROUPS, FOLD_QK, FOLD_ROUTER, INIT_METHODS, ConfigError,
                                SwitchHeadConfig)
 from switchhead.inputs import accept_missing_mask
 from switchhead.io import SaveError, holds_same_model, output_state, save
@@ -94,9 +94,6 @@ class ConvertCommand(Command):
 @click.option("--fold-router", type=click.Choice(FOLD_ROUTER), default=DEFAULTS.fold_router, show_default=True,
               help="Folded routers: tiny random ones, or fitted so each token picks the heads that contributed "
                    "most to it on the example inputs (contribution).")
-@click.option("--fold-vo", type=click.Choice(FOLD_VO), default=DEFAULTS.fold_vo, show_default=True,
-              help="Folded V/O experts: copies of the group's heads, or with the O experts then fitted to the "
-                   "dense attention's output on the example inputs (fit).")
 @click.option("--seq-len", type=int, default=2048, show_default=True,
               help="Sequence length of the before/after cost table (MACs per token, activation memory).")
 @click.option("--filter", "module_filter", metavar="REGEX", help="Only rewrite attention whose module path matches (re.search).")
@@ -122,7 +119,7 @@ class ConvertCommand(Command):
 @heal_options
 @click.pass_context
 def main(ctx: click.Context, model_file: Path, experts: int | None, top_k: int, init: str, heads: int | None,
-         head_dim: int | None, fold_qk: str, fold_groups: str, fold_router: str, fold_vo: str, seq_len: int,
+         head_dim: int | None, fold_qk: str, fold_groups: str, fold_router: str, seq_len: int,
          module_filter: str | None, output: Path, onnx_path: Path | None,
          onnx_inline: bool, kv_cache: bool, dry_run: bool, report_json: Path | None,
          quiet: bool, as_json: bool, seed: int, force: bool, entry: str | None, inputs_name: str | None,
@@ -142,7 +139,7 @@ def main(ctx: click.Context, model_file: Path, experts: int | None, top_k: int, 
                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
                     raise CliError(f"--{name} has no effect with --dry-run", ExitCode.USAGE)
         config = _config(experts, top_k, init, heads, head_dim, module_filter, seed,
-                         {"fold_qk": fold_qk, "fold_groups": fold_groups, "fold_router": fold_router, "fold_vo": fold_vo})
+                         {"fold_qk": fold_qk, "fold_groups": fold_groups, "fold_router": fold_router})
         if seq_len < 1:
             raise CliError(f"--seq-len must be at least 1, got {seq_len}", ExitCode.USAGE)
         heal = check_heal_options(ctx, heal_params, dry_run, lambda message: CliError(message, ExitCode.USAGE))

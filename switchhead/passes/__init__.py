@@ -6,13 +6,12 @@ from __future__ import annotations
 import torch.fx
 
 from switchhead.passes.detect_attention import detect_attention
-from switchhead.passes.fit_experts import fit_experts
 from switchhead.passes.fold_heads import fold_heads
 from switchhead.passes.plan import Pass, PassResult, PassState
 from switchhead.passes.rewrite_experts import rewrite_experts
 
 # Detection alone is `analyze`; convert() runs the rest on what it accepted.
-PIPELINE: tuple[Pass, ...] = (detect_attention, fold_heads, rewrite_experts, fit_experts)
+PIPELINE: tuple[Pass, ...] = (detect_attention, fold_heads, rewrite_experts)
 
 
 def run_passes(gm: torch.fx.GraphModule, state: PassState, passes: tuple[Pass, ...]) -> dict[str, dict[str, int]]:
@@ -24,5 +23,5 @@ def run_passes(gm: torch.fx.GraphModule, state: PassState, passes: tuple[Pass, .
     return counters
 
 
-__all__ = ["PIPELINE", "Pass", "PassResult", "PassState", "detect_attention", "fit_experts", "fold_heads",
-           "rewrite_experts", "run_passes"]
+__all__ = ["PIPELINE", "Pass", "PassResult", "PassState", "detect_attention", "fold_heads", "rewrite_experts",
+           "run_passes"]

@@ -27,7 +27,7 @@ Folding rules (documented for users)
     token's top-k experts are its group's heads that contributed most to it (fold_route.py). With
     GQA the V experts are copies of their KV head. Heads are grouped consecutively, or
     (fold_groups="similar") by how alike their scores are on the example activations (fold_plan.py,
-    fold_fit.py). The later fit_experts pass can refit the O experts (fold_vo="fit").
+    fold_fit.py).
     H2 = H and E = 1 reproduces the dense model exactly; any real fold is lossy and needs healing.
 
 New head size (init="random" with head_dim, `resize.py`)

@@ -48,16 +48,6 @@ class SitePlan:
 
 
 @dataclasses.dataclass
-class ExpertOps:
-    """The expert op nodes the rewrite put in place of one site's V and O projections, and the O
-    projection's bias node (None without one), which the rewrite adds after the O op."""
-
-    value: torch.fx.Node
-    output: torch.fx.Node
-    output_bias: torch.fx.Node | None
-
-
-@dataclasses.dataclass
 class PassState:
     """What the passes read and write besides the graph: example values, config, findings."""
 
@@ -67,7 +57,6 @@ class PassState:
     skipped: list[SkippedSite] = dataclasses.field(default_factory=list)  # detection: why not
     plans: dict[int, SitePlan] = dataclasses.field(default_factory=dict)  # folding: by site index
     applied: list[SitePlan] = dataclasses.field(default_factory=list)  # rewrite: per site
-    expert_ops: list[ExpertOps] = dataclasses.field(default_factory=list)  # rewrite: per site
     # folding: new shapes of graph inputs the graph writes its KV cache into, by placeholder name
     resized_inputs: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 

@@ -32,7 +32,7 @@ from switchhead.config import SwitchHeadConfig
 from switchhead.graph.ops import linear_parts
 from switchhead.graph.surgery import drop_unused_attributes, ensure_module, erase_dead, linear_weight, register, rms
 from switchhead.kernels.select import select_experts
-from switchhead.passes.plan import ExpertOps, PassResult, PassState, SitePlan
+from switchhead.passes.plan import PassResult, PassState, SitePlan
 from switchhead.site import AttentionSite
 
 aten = torch.ops.aten
@@ -51,7 +51,7 @@ def rewrite_experts(gm: torch.fx.GraphModule, state: PassState) -> PassResult:
     replaced_attrs: set[str] = set()
     for index, site in enumerate(state.sites):
         plan = state.plans.get(index) or dense_plan(values, site, config, generator, init_scale)
-        state.expert_ops.append(_rewrite_site(gm, values, site, plan, config, replaced_attrs))
+        _rewrite_site(gm, values, site, plan, config, replaced_attrs)
         state.applied.append(plan)
     gm.graph.lint()
     drop_unused_attributes(gm, replaced_attrs)
@@ -85,8 +85,7 @@ def dense_plan(values, site: AttentionSite, config: SwitchHeadConfig, generator,
                     site.output_columns, weights)
 
 
-def _rewrite_site(gm, values, site: AttentionSite, plan: SitePlan, config: SwitchHeadConfig,
-                  replaced_attrs) -> ExpertOps:
+def _rewrite_site(gm, values, site: AttentionSite, plan: SitePlan, config: SwitchHeadConfig, replaced_attrs):
     v_proj, o_proj = site.value_node, site.output_node
     v_input = linear_parts(v_proj)[0]
     o_input = linear_parts(o_proj)[0]
@@ -118,7 +117,7 @@ def _rewrite_site(gm, values, site: AttentionSite, plan: SitePlan, config: Switc
         routes = _routers(graph, x2, [(names["v_router"], plan.num_kv_heads)]
                           + ([(names["o_router"], plan.num_heads)] if shared else []), num_experts, config.top_k)
         index, gates = routes[0]
-        v_out = v_expert = graph.call_function(torch.ops.switchhead.expert_v.default, (
+        v_out = graph.call_function(torch.ops.switchhead.expert_v.default, (
             x2, graph.get_attr(names["v_experts"]),
             graph.get_attr(names["v_experts_bias"]) if "v_experts_bias" in names else None, index, gates,
             *impl))
@@ -154,12 +153,10 @@ def _rewrite_site(gm, values, site: AttentionSite, plan: SitePlan, config: Switc
             index, gates = _routers(graph, q2, [(names["o_router"], plan.num_heads)], num_experts, config.top_k)[0]
         o_out = graph.call_function(torch.ops.switchhead.expert_o.default, (
             heads, graph.get_attr(names["o_experts"]), index, gates, *impl))
-        o_op = o_out
         if o_bias is not None:
             o_out = graph.call_function(aten.add.Tensor, (o_out, o_bias))
         o_new = _unrows(graph, o_out, lead, site.out_dim)
     _replace(graph, o_proj, o_new, before, replaced_attrs)
-    return ExpertOps(v_expert, o_op, o_bias if isinstance(o_bias, torch.fx.Node) else None)
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
