@@ -36,8 +36,9 @@ import operator
 import torch
 import torch.fx
 
-from switchhead.graph.ops import CAST_OPS, LAYOUT_OPS, NOOP_OPS
+from switchhead.graph.ops import CAST_OPS, LAYOUT_OPS, NOOP_OPS, linear_parts
 from switchhead.graph.provenance import region_between
+from switchhead.graph.surgery import linear_weight
 
 aten = torch.ops.aten
 _SCALAR_FACTORS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
@@ -64,6 +65,14 @@ def augmented(x: torch.Tensor, with_bias: bool) -> torch.Tensor:
     """x [N, D] -> [N, D+1] with a column of ones when the projection has a bias (fp64)."""
     x = x.detach().to(torch.float64).reshape(-1, x.shape[-1])
     return torch.cat([x, torch.ones_like(x[:, :1])], 1) if with_bias else x
+
+
+def head_rows(values: dict, proj: torch.fx.Node, columns: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(each head's rows [dh, D] of the projection, its bias as the last column where it has one;
+    the projection's example input [N, D] augmented to match, fp64); columns [H, dh]."""
+    weight, bias = linear_weight(values, proj)
+    rows = weight if bias is None else torch.cat([weight, bias[:, None]], 1)
+    return [rows[c] for c in columns], augmented(values[linear_parts(proj)[0]], bias is not None)
 
 
 def _root_and_inverse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

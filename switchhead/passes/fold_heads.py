@@ -172,21 +172,15 @@ def _fold_projections(gm, values, plan: FoldPlan, config, counters: dict[str, in
 def _fit_qk(values, plan: FoldPlan, folded: dict[torch.fx.Node, list]) -> None:
     """Each new head's Q and K rows fitted to its group's mean scores on the example activations."""
     (q_proj, q_cols), (k_proj, k_cols) = plan.head_columns  # [H, dh] rows of each projection
-    (wq, bq), (wk, bk) = linear_weight(values, q_proj), linear_weight(values, k_proj)
-    xq = fold_fit.augmented(values[linear_parts(q_proj)[0]], bq is not None)  # [N, Dq]
-    xk = fold_fit.augmented(values[linear_parts(k_proj)[0]], bk is not None)  # [N, Dk]
-
-    def rows(w, b, cols):  # [dh, D]: the head's weight rows, its bias as the last column
-        return w[cols] if b is None else torch.cat([w[cols], b[cols, None]], 1)
-
+    queries, xq = fold_fit.head_rows(values, q_proj, q_cols)  # H x [dh, Dq], [N, Dq]
+    keys, xk = fold_fit.head_rows(values, k_proj, k_cols)
     for group in plan.members:
-        a, b = fold_fit.fit_group([rows(wq, bq, q_cols[h]) for h in group], [rows(wk, bk, k_cols[h]) for h in group],
-                                  xq, xk)
-        for proj, cols, fit, has_bias in ((q_proj, q_cols, a, bq is not None), (k_proj, k_cols, b, bk is not None)):
+        a, b = fold_fit.fit_group([queries[h] for h in group], [keys[h] for h in group], xq, xk)
+        for proj, cols, fit in ((q_proj, q_cols, a), (k_proj, k_cols, b)):
             weight, bias = folded[proj]
             target = cols[group[0]]
             weight[target] = fit[:, :weight.shape[1]].to(weight.dtype)
-            if has_bias:
+            if bias is not None:
                 bias[target] = fit[:, -1].to(bias.dtype)
 
 

@@ -20,7 +20,6 @@ import torch.fx
 
 from switchhead.graph.ops import MATMUL_OPS, linear_parts
 from switchhead.graph.provenance import ProvenanceError, ancestors, region_between, replay, replay_or_raise, rerun
-from switchhead.graph.surgery import linear_weight
 from switchhead.passes import fold_fit
 from switchhead.passes.plan import FoldError
 from switchhead.passes.resize import MaskSizes, ScaledSizes, probe_positions
@@ -100,12 +99,7 @@ def plan_fold(values: dict, site: AttentionSite, num_heads: int, head_dim: int |
 
 def _score_gram(values, head_columns) -> torch.Tensor:
     """[H, H] inner products of the dense heads' scores on the example activations."""
-    heads = []
-    for proj, columns in head_columns:  # Q then K, columns [H, dh]
-        weight, bias = linear_weight(values, proj)
-        rows = weight if bias is None else torch.cat([weight, bias[:, None]], 1)
-        heads.append(([rows[c] for c in columns], fold_fit.augmented(values[linear_parts(proj)[0]], bias is not None)))
-    (queries, xq), (keys, xk) = heads
+    (queries, xq), (keys, xk) = (fold_fit.head_rows(values, proj, columns) for proj, columns in head_columns)
     return fold_fit.score_gram(queries, keys, xq, xk)
 
 
